@@ -1,0 +1,40 @@
+"""The errors nbguard raises. Every message says what to do next.
+
+    NbguardError
+    ├── CaptureError        a value or object cannot be captured
+    ├── SnapshotError       a snapshot is missing, corrupt or of an unknown format
+    │   └── CorruptSnapshotError   a hash, size or structure check failed
+    ├── RestoreError        a snapshot does not fit the live objects
+    ├── StoreError          the storage place failed (disk full, permission, gone)
+    └── UsageError          bad options or arguments from the user
+"""
+
+from __future__ import annotations
+
+
+class NbguardError(Exception):
+    """Base of every error nbguard raises on purpose."""
+
+
+class CaptureError(NbguardError):
+    """A value cannot be stored safely (nbguard never pickles)."""
+
+
+class SnapshotError(NbguardError):
+    """A snapshot cannot be found or read."""
+
+
+class CorruptSnapshotError(SnapshotError):
+    """A snapshot failed a hash, size or structure check."""
+
+
+class RestoreError(NbguardError):
+    """A snapshot does not fit the objects it should be restored into."""
+
+
+class StoreError(NbguardError):
+    """The storage place failed: disk full, permission denied, folder gone, remote error."""
+
+
+class UsageError(NbguardError):
+    """Bad options or arguments."""

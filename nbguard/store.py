@@ -1,0 +1,459 @@
+"""Stores: the folders snapshots live in.
+
+A store is a flat namespace of files under one root, addressed by relative '/'-separated paths.
+It offers a handful of synchronous methods; nbguard keeps its own commit protocol on top
+(blobs first, manifest last) and relies on nothing but this contract:
+
+* ``write`` is atomic and durable: a reader sees the whole file or nothing, and after it returns
+  the bytes survive a crash of this process (fsync for local disks).
+* ``list`` never shows a file that ``write`` has not finished.
+* ``delete`` of a missing file is not an error.
+
+``LocalStore`` (a local or mounted folder), ``MemoryStore`` (an instance-scoped test and teaching
+double) and ``FsspecStore`` (any fsspec URL) ship here; Google Drive lives in ``nbguard.drive``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import mmap
+import os
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .errors import StoreError, UsageError
+
+Buffer = bytes | bytearray | memoryview
+Progress = Callable[[int], None]
+
+TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of a store: its path, size in bytes and modification time (unix seconds)."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The storage contract every backend implements."""
+
+    url: str
+
+    def list(self, folder: str) -> list[FileInfo]:
+        """Files directly inside ``folder`` ('' is the root); [] when the folder does not exist."""
+
+    def folders(self, folder: str) -> list[str]:
+        """Names of the sub-folders directly inside ``folder``."""
+
+    def read(self, path: str) -> bytes:
+        """The whole content of a (small) file."""
+
+    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+        """A read-only buffer over a file, for random access (a memory map where possible)."""
+
+    def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
+        """Write a file atomically and durably; an existing file of that path is replaced."""
+
+    def delete(self, path: str) -> None:
+        """Remove a file; a missing file is fine."""
+
+    def exists(self, path: str) -> bool:
+        """Whether a finished file exists at ``path``."""
+
+
+def check_relative(path: str) -> str:
+    """Reject paths that could leave the store root (absolute, '..', backslashes, empty parts)."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\0" in path:
+        raise StoreError(f"refusing unsafe store path {path!r}")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise StoreError(f"refusing unsafe store path {path!r}")
+    return path
+
+
+def describe_os_error(exc: OSError, where: str) -> str:
+    """One plain sentence for an OS error during storage, with what to do."""
+    hints = {
+        errno.ENOSPC: "the disk is full: free some space or choose another folder",
+        errno.EDQUOT: "the disk quota is exhausted: free some space or choose another folder",
+        errno.EACCES: "permission denied: choose a folder you can write to",
+        errno.EPERM: "permission denied: choose a folder you can write to",
+        errno.EROFS: "the folder is read-only: choose a folder you can write to",
+        errno.ENOENT: "the folder has disappeared (a dropped mount?): reconnect it or choose another folder",
+        errno.ENOTCONN: "the mount is disconnected: remount it (Colab: drive.mount('/content/drive', force_remount=True))",
+        errno.EIO: "an I/O error occurred: check the disk or mount",
+    }
+    hint = hints.get(exc.errno, exc.strerror or str(exc))
+    return f"saving to {where} failed: {hint}"
+
+
+class LocalStore:
+    """A folder on the local disk or on a mounted drive (Colab's /content/drive)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = os.path.abspath(os.fspath(root))
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise UsageError(
+                f"{self.root} is a file, not a folder: pass a folder for snapshots "
+                "(it is created if it does not exist)"
+            )
+        self.url = self.root
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, *check_relative(path).split("/"))
+
+    def _folder(self, folder: str) -> str:
+        return self.root if folder == "" else self._abs(folder)
+
+    def list(self, folder: str) -> list[FileInfo]:
+        base = self._folder(folder)
+        try:
+            entries = list(os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise StoreError(describe_os_error(exc, base)) from exc
+        infos = []
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            infos.append(FileInfo(posixpath.join(folder, entry.name) if folder else entry.name, st.st_size, st.st_mtime))
+        return infos
+
+    def temp_files(self, folder: str) -> list[FileInfo]:
+        """Leftovers of interrupted writes in ``folder`` (for gc)."""
+        base = self._folder(folder)
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            return []
+        out = []
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                out.append(FileInfo(posixpath.join(folder, entry.name) if folder else entry.name, st.st_size, st.st_mtime))
+        return out
+
+    def folders(self, folder: str) -> list[str]:
+        base = self._folder(folder)
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise StoreError(describe_os_error(exc, base)) from exc
+
+    def read(self, path: str) -> bytes:
+        full = self._abs(path)
+        if os.path.islink(full):
+            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        try:
+            with open(full, "rb") as f:
+                return f.read()
+        except FileNotFoundError as exc:
+            raise StoreError(f"{path} is missing from {self.root}") from exc
+        except OSError as exc:
+            raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
+
+    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+        full = self._abs(path)
+        if os.path.islink(full):
+            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        try:
+            with open(full, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    return b""
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{path} is missing from {self.root}") from exc
+        except OSError as exc:
+            raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        return mapped
+
+    def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
+        full = self._abs(path)
+        folder = os.path.dirname(full)
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(full)}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        if progress:
+                            progress(written)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, full)
+            _fsync_dir(folder)
+        except OSError as exc:
+            _remove_quietly(tmp)
+            raise StoreError(describe_os_error(exc, self.root)) from exc
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def delete(self, path: str) -> None:
+        try:
+            os.remove(self._abs(path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"deleting {path} from {self.root} failed: {exc.strerror}") from exc
+
+    def exists(self, path: str) -> bool:
+        return os.path.isfile(self._abs(path))
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (FUSE mounts) refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class MemoryStore:
+    """An in-memory store, scoped to this instance (for tests and teaching)."""
+
+    def __init__(self, name: str = "memory"):
+        self.url = f"memory://{name}"
+        self._files: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.url!r})"
+
+    def list(self, folder: str) -> list[FileInfo]:
+        prefix = f"{folder}/" if folder else ""
+        with self._lock:
+            items = list(self._files.items())
+        return [
+            FileInfo(path, len(data), mtime)
+            for path, (data, mtime) in items
+            if path.startswith(prefix) and "/" not in path[len(prefix):]
+        ]
+
+    def folders(self, folder: str) -> list[str]:
+        prefix = f"{folder}/" if folder else ""
+        with self._lock:
+            paths = list(self._files)
+        return sorted({p[len(prefix):].split("/")[0] for p in paths if p.startswith(prefix) and "/" in p[len(prefix):]})
+
+    def read(self, path: str) -> bytes:
+        check_relative(path)
+        with self._lock:
+            if path not in self._files:
+                raise StoreError(f"{path} is missing from {self.url}")
+            return self._files[path][0]
+
+    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+        return self.read(path)
+
+    def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
+        check_relative(path)
+        out = io.BytesIO()
+        for chunk in chunks:
+            out.write(chunk)
+            if progress:
+                progress(memoryview(chunk).nbytes)
+        with self._lock:
+            self._files[path] = (out.getvalue(), time.time())
+
+    def delete(self, path: str) -> None:
+        with self._lock:
+            self._files.pop(path, None)
+
+    def exists(self, path: str) -> bool:
+        with self._lock:
+            return path in self._files
+
+    def corrupt(self, path: str, data: bytes) -> None:
+        """Replace a file's bytes behind nbguard's back (for tests of damaged snapshots)."""
+        with self._lock:
+            self._files[path] = (data, time.time())
+
+
+class FsspecStore:
+    """A folder on any fsspec file system (``s3://``, ``gcs://``, ``memory://`` ...).
+
+    Atomicity comes from writing under a temporary name and moving it into place; backends
+    without an atomic move still never show a manifest before its blobs.
+    """
+
+    def __init__(self, url: str, **storage_options: object):
+        try:
+            import fsspec
+        except ImportError as exc:  # pragma: no cover - fsspec is a core dependency
+            raise UsageError("fsspec is needed for store URLs: pip install fsspec") from exc
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except (ImportError, ValueError) as exc:
+            raise UsageError(f"cannot open store {url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"FsspecStore({self.url!r})"
+
+    def _abs(self, path: str) -> str:
+        return f"{self.root}/{check_relative(path)}"
+
+    def _folder(self, folder: str) -> str:
+        return self.root if folder == "" else self._abs(folder)
+
+    def _ls(self, folder: str) -> list[dict]:
+        try:
+            return self.fs.ls(self._folder(folder), detail=True)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"listing {self.url}/{folder} failed: {exc}") from exc
+
+    def list(self, folder: str) -> list[FileInfo]:
+        out = []
+        for entry in self._ls(folder):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") != "file" or name.startswith(TEMP_PREFIX):
+                continue
+            mtime = entry.get("mtime") or entry.get("created") or 0.0
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            out.append(FileInfo(posixpath.join(folder, name) if folder else name, int(entry.get("size") or 0), float(mtime)))
+        return out
+
+    def folders(self, folder: str) -> list[str]:
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(folder) if e.get("type") == "directory"
+        )
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._abs(path))
+        except FileNotFoundError as exc:
+            raise StoreError(f"{path} is missing from {self.url}") from exc
+        except OSError as exc:
+            raise StoreError(f"reading {path} from {self.url} failed: {exc}") from exc
+
+    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+        return self.read(path)
+
+    def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
+        final = self._abs(path)
+        folder, name = final.rsplit("/", 1)
+        tmp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        try:
+            self.fs.makedirs(folder, exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    if progress:
+                        progress(memoryview(chunk).nbytes)
+            self.fs.mv(tmp, final)
+        except OSError as exc:
+            try:
+                self.fs.rm(tmp)
+            except OSError:
+                pass
+            raise StoreError(f"writing {path} to {self.url} failed: {exc}") from exc
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.rm(self._abs(path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"deleting {path} from {self.url} failed: {exc}") from exc
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(self._abs(path)))
+
+
+def open_store(location: str | os.PathLike[str] | Store) -> Store:
+    """A store for a folder path, a URL, or an existing store object.
+
+    ``gdrive://FOLDER`` opens Google Drive through its API (needs ``pip install 'nbguard[drive]'``);
+    ``memory://NAME`` an instance-scoped in-memory store; any other ``scheme://`` goes to fsspec.
+    """
+    if isinstance(location, Store):
+        return location
+    text = os.fspath(location)
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("the store location is empty: pass a folder path or a URL such as gdrive://nbguard")
+    if "://" not in text:
+        return LocalStore(os.path.expanduser(text))
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "file":
+        return LocalStore(text.split("://", 1)[1])
+    if scheme == "memory":
+        return _named_memory_store(text.split("://", 1)[1] or "memory")
+    if scheme in ("gdrive", "drive"):
+        try:
+            from .drive import open_drive_store
+        except ImportError as exc:
+            raise UsageError(
+                "Google Drive support needs extra packages: pip install 'nbguard[drive]'"
+            ) from exc
+        return open_drive_store(text)
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(
+            f"unknown store URL scheme {scheme!r} in {text!r}: use a folder path, memory://NAME, "
+            "gdrive://FOLDER, or an fsspec URL whose package is installed"
+        ) from exc
+    return FsspecStore(text)
+
+
+_memory_stores: dict[str, MemoryStore] = {}
+_memory_lock = threading.Lock()
+
+
+def _named_memory_store(name: str) -> MemoryStore:
+    # The same memory:// URL must reach the same store within a process (a magic's --dir and the
+    # panel name it independently), but never across processes or different names.
+    with _memory_lock:
+        if name not in _memory_stores:
+            _memory_stores[name] = MemoryStore(name)
+        return _memory_stores[name]
