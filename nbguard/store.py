@@ -60,7 +60,8 @@ class Store(Protocol):
         """The whole content of a (small) file."""
 
     def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
-        """A read-only buffer over a file, for random access (a memory map where possible)."""
+        """A writable private buffer over a file (a copy-on-write memory map where possible):
+        tensors built on it may be modified without changing the file."""
 
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         """Write a file atomically and durably; an existing file of that path is replaced."""
@@ -184,13 +185,12 @@ class LocalStore:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     return b""
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # A private copy-on-write map: tensors built on it are writable without touching the file.
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError as exc:
             raise StoreError(f"{path} is missing from {self.root}") from exc
         except OSError as exc:
             raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
-        if hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
         return mapped
 
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
@@ -287,7 +287,7 @@ class MemoryStore:
             return self._files[path][0]
 
     def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
-        return self.read(path)
+        return bytearray(self.read(path))
 
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         check_relative(path)
@@ -375,7 +375,7 @@ class FsspecStore:
             raise StoreError(f"reading {path} from {self.url} failed: {exc}") from exc
 
     def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
-        return self.read(path)
+        return bytearray(self.read(path))
 
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         final = self._abs(path)

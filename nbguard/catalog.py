@@ -1,0 +1,345 @@
+"""The catalog: list, pick, pin, delete, compare, export and clean up the snapshots of a store.
+
+This is all the panel and the CLI see of nbguard. Manifests are immutable, so each one is read
+once and cached; pins are separate empty files, so pinning never rewrites a snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .blobfile import BLOB_SUFFIX
+from .errors import CorruptSnapshotError, NbguardError, SnapshotError, StoreError, UsageError
+from .manifest import (
+    SnapshotInfo,
+    check_run_name,
+    info_from,
+    is_snapshot_id,
+    manifest_path,
+    parse_manifest,
+    pin_path,
+)
+from .retention import Policy, best_of, to_delete
+from .snapshot import Snapshot
+from .store import Store, open_store
+from .weights import write_safetensors
+
+Listener = Callable[[str, SnapshotInfo | None], None]
+GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class Comparison:
+    """Two snapshots side by side."""
+
+    a: SnapshotInfo
+    b: SnapshotInfo
+    metrics: list[tuple[str, float | None, float | None]]
+    changed: list[tuple[str, float, float]]  # (tensor, max |a-b|, relative change ||a-b|| / ||a||)
+    unchanged: list[str]
+    only_in_a: list[str]
+    only_in_b: list[str]
+
+    def describe(self) -> str:
+        lines = [f"{self.a.id}  vs  {self.b.id}"]
+        for name, x, y in self.metrics:
+            lines.append(f"  {name}: {_num(x)} → {_num(y)}")
+        lines.append(f"  tensors changed: {len(self.changed)}, unchanged: {len(self.unchanged)}")
+        for name, max_abs, rel in sorted(self.changed, key=lambda r: -r[2])[:10]:
+            lines.append(f"    {name}: max |Δ| {max_abs:.3g}, relative {rel:.3g}")
+        return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.6g}"
+
+
+@dataclass
+class GcReport:
+    """What ``gc`` removed."""
+
+    blobs: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    freed: int = 0
+
+
+class Catalog:
+    """The snapshots of one store folder (every run in it)."""
+
+    def __init__(self, store: Store | str | os.PathLike[str]):
+        self.store = open_store(store)
+        self._cache: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self.problems: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.store.url!r})"
+
+    # -- listening ---------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, info)`` on 'saved', 'deleted', 'pinned', 'unpinned', 'state'.
+        Events come from the writer thread: keep listeners cheap. Returns an unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def notify(self, event: str, info: SnapshotInfo | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, info)
+            except Exception:  # a broken listener must never break a save
+                pass
+
+    # -- listing -----------------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        return [r for r in self.store.folders("runs") if not r.startswith(".")]
+
+    def manifest(self, run: str, snapshot_id: str) -> dict[str, Any]:
+        path = manifest_path(run, snapshot_id)
+        with self._lock:
+            cached = self._cache.get(path)
+        if cached is not None:
+            return cached[1]
+        data = self.store.read(path)
+        manifest = parse_manifest(data, where=f"snapshot {snapshot_id}")
+        if manifest["id"] != snapshot_id or manifest["run"] != run:
+            raise CorruptSnapshotError(f"snapshot {snapshot_id}: the manifest names another snapshot")
+        with self._lock:
+            self._cache[path] = (len(data), manifest)
+        return manifest
+
+    def snapshots(self, run: str | None = None) -> list[SnapshotInfo]:
+        """Snapshots newest first (of one run, or of every run). Damaged manifests are left out
+        and described in ``problems``."""
+        infos = []
+        for name in [run] if run else self.runs():
+            pinned = {f.path.rsplit("/", 1)[-1] for f in self.store.list(f"runs/{name}/pins")}
+            for f in self.store.list(f"runs/{name}/snapshots"):
+                snapshot_id = f.path.rsplit("/", 1)[-1].removesuffix(".json")
+                if not f.path.endswith(".json") or not is_snapshot_id(snapshot_id):
+                    continue
+                try:
+                    manifest = self.manifest(name, snapshot_id)
+                except NbguardError as exc:
+                    self.problems[f.path] = str(exc)
+                    continue
+                infos.append(info_from(manifest, pinned=snapshot_id in pinned, state=self._state(f.path)))
+        infos.sort(key=lambda s: (s.created, s.id), reverse=True)
+        return infos
+
+    def _state(self, path: str) -> str:
+        state = getattr(self.store, "state", None)
+        if callable(state):
+            try:
+                return state(path)
+            except Exception:
+                return "unknown"
+        return "local"
+
+    def find(self, ref: str = "latest", run: str | None = None) -> SnapshotInfo:
+        """A snapshot by id, unique id prefix, 'latest', or 'best:METRIC[:min|max]'."""
+        snapshots = self.snapshots(run)
+        if not snapshots:
+            where = f"run {run!r} of " if run else ""
+            raise SnapshotError(f"no snapshots in {where}{self.store.url}: train with autosave first, or check the folder")
+        if ref == "latest":
+            return snapshots[0]
+        if ref.startswith("best"):
+            metric_spec = ref.partition(":")[2]
+            if not metric_spec:
+                metric_spec = next((m for s in snapshots for m in s.metrics), "")
+                if not metric_spec:
+                    raise SnapshotError("no snapshot has metrics, so none is 'best': save with metrics=...")
+            metric, mode = Policy.parse_best(metric_spec)
+            best = best_of(snapshots, metric, mode)
+            if not best:
+                raise SnapshotError(f"no snapshot has the metric {metric!r}")
+            return best[0]
+        matches = [s for s in snapshots if s.id == ref] or [s for s in snapshots if s.id.startswith(ref)]
+        if not matches:
+            raise SnapshotError(f"no snapshot {ref!r} in {self.store.url}: list them with `nbguard ls`")
+        if len(matches) > 1:
+            raise UsageError(f"{ref!r} matches {len(matches)} snapshots: give more of the id")
+        return matches[0]
+
+    def get(self, ref: str = "latest", run: str | None = None) -> Snapshot:
+        """The snapshot itself (its tensors are read lazily, and verified when read)."""
+        info = self.find(ref, run)
+        return Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
+
+    def latest_good(self, run: str | None = None, *, names: Iterable[str] | None = None) -> tuple[Snapshot, list[str]]:
+        """The newest snapshot whose bytes all verify, and a message for each newer one skipped."""
+        skipped = []
+        for info in self.snapshots(run):
+            snapshot = Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
+            try:
+                snapshot._load(snapshot.storage_keys_of(names or snapshot.names), None)
+            except (CorruptSnapshotError, StoreError) as exc:
+                skipped.append(f"snapshot {info.id} is damaged or incomplete ({exc}); using an older one")
+                continue
+            return snapshot, skipped
+        for path, problem in self.problems.items():
+            skipped.append(f"{path}: {problem}")
+        raise SnapshotError("no intact snapshot found" + (": " + "; ".join(skipped) if skipped else ""))
+
+    # -- changing ----------------------------------------------------------------------------
+    def pin(self, ref: str, run: str | None = None) -> SnapshotInfo:
+        """Pinned snapshots survive retention."""
+        info = self.find(ref, run)
+        self.store.write(pin_path(info.run, info.id), [b""])
+        pinned = _replace(info, pinned=True)
+        self.notify("pinned", pinned)
+        return pinned
+
+    def unpin(self, ref: str, run: str | None = None) -> SnapshotInfo:
+        info = self.find(ref, run)
+        self.store.delete(pin_path(info.run, info.id))
+        unpinned = _replace(info, pinned=False)
+        self.notify("unpinned", unpinned)
+        return unpinned
+
+    def delete(self, ref: str, run: str | None = None) -> SnapshotInfo:
+        """Delete a snapshot (manifest first, then the blobs no other snapshot uses)."""
+        info = self.find(ref, run)
+        self._delete([info])
+        return info
+
+    def _delete(self, infos: list[SnapshotInfo]) -> None:
+        if not infos:
+            return
+        candidates: set[str] = set()
+        for info in infos:
+            try:
+                candidates |= {s["blob"] for s in self.manifest(info.run, info.id)["storages"].values()}
+            except NbguardError:
+                pass
+            self.store.delete(manifest_path(info.run, info.id))
+            self.store.delete(pin_path(info.run, info.id))
+            with self._lock:
+                self._cache.pop(manifest_path(info.run, info.id), None)
+        still_used = self.referenced_blobs()
+        for blob in candidates - still_used:
+            self.store.delete(f"blobs/{blob[:2]}/{blob}{BLOB_SUFFIX}")
+        for info in infos:
+            self.notify("deleted", info)
+
+    def referenced_blobs(self) -> set[str]:
+        used: set[str] = set()
+        for info in self.snapshots():
+            used |= {s["blob"] for s in self.manifest(info.run, info.id)["storages"].values()}
+        return used
+
+    def apply_retention(self, run: str, policy: Policy, *, protect: Iterable[str] = ()) -> list[SnapshotInfo]:
+        """Delete what ``policy`` lets go in ``run``; the newest snapshot of every other writer active in
+        the last hour is kept too (another kernel may be building on it)."""
+        check_run_name(run)
+        snapshots = self.snapshots(run)
+        recent: dict[str, SnapshotInfo] = {}
+        for info in snapshots:
+            writer = self.manifest(run, info.id)["writer"]
+            if time.time() - info.created < GRACE_SECONDS and writer not in recent:
+                recent[writer] = info
+        doomed = to_delete(snapshots, policy, protect=[*protect, *(s.id for s in recent.values())])
+        self._delete(doomed)
+        return doomed
+
+    def gc(self, grace: float = GRACE_SECONDS) -> GcReport:
+        """Remove blobs no snapshot uses and leftovers of interrupted writes, older than ``grace`` s."""
+        report = GcReport()
+        used = self.referenced_blobs()
+        now = time.time()
+        for prefix in self.store.folders("blobs"):
+            for f in self.store.list(f"blobs/{prefix}"):
+                name = f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
+                if name not in used and now - f.mtime >= grace:
+                    self.store.delete(f.path)
+                    report.blobs.append(f.path)
+                    report.freed += f.size
+        temp_files = getattr(self.store, "temp_files", None)
+        if callable(temp_files):
+            folders = ["blobs", *(f"blobs/{p}" for p in self.store.folders("blobs"))]
+            for run in self.runs():
+                folders += [f"runs/{run}/snapshots", f"runs/{run}/pins"]
+            for folder in folders:
+                for f in temp_files(folder):
+                    if now - f.mtime >= grace:
+                        self.store.delete(f.path)
+                        report.temp_files.append(f.path)
+                        report.freed += f.size
+        return report
+
+    def usage(self) -> int:
+        """Bytes used by blobs and manifests in this store."""
+        total = sum(f.size for p in self.store.folders("blobs") for f in self.store.list(f"blobs/{p}"))
+        for run in self.runs():
+            total += sum(f.size for f in self.store.list(f"runs/{run}/snapshots"))
+        return total
+
+    def verify(self, run: str | None = None) -> dict[str, str]:
+        """Re-hash every snapshot; returns {snapshot id or file: what is wrong} (empty when all is well)."""
+        broken = dict(self.problems)
+        for info in self.snapshots(run):
+            try:
+                self.get(info.id, info.run).verify()
+            except (NbguardError, OSError) as exc:
+                broken[info.id] = str(exc)
+        broken.update({k: v for k, v in self.problems.items() if k not in broken})
+        return broken
+
+    # -- looking inside ------------------------------------------------------------------------
+    def compare(self, a: str, b: str, run: str | None = None) -> Comparison:
+        """Metrics side by side, and which tensors changed and by how much."""
+        first, second = self.get(a, run), self.get(b, run)
+        names = sorted(set(first.info.metrics) | set(second.info.metrics))
+        metrics = [(n, first.info.metrics.get(n), second.info.metrics.get(n)) for n in names]
+        keys_a, keys_b = set(first.manifest["tensors"]), set(second.manifest["tensors"])
+        changed, unchanged = [], []
+        for key in sorted(keys_a & keys_b):
+            if key.startswith("rng/"):
+                continue
+            x, y = first.tensor(key), second.tensor(key)
+            if first.manifest["tensors"][key] == second.manifest["tensors"][key] and \
+                    first.manifest["storages"][first.manifest["tensors"][key]["storage"]]["hash"] == \
+                    second.manifest["storages"][second.manifest["tensors"][key]["storage"]]["hash"]:
+                unchanged.append(key)
+                continue
+            if x.shape != y.shape or x.dtype != y.dtype:
+                changed.append((key, math.inf, math.inf))
+                continue
+            if torch.equal(x, y):
+                unchanged.append(key)
+                continue
+            diff = (x.double() - y.double()) if x.is_floating_point() or x.is_complex() else (x.long() - y.long()).double()
+            norm = float(x.double().norm()) if x.is_floating_point() else float(x.double().norm())
+            changed.append((key, float(diff.abs().max()), float(diff.norm()) / norm if norm else math.inf))
+        return Comparison(first.info, second.info, metrics, changed, unchanged,
+                          sorted(k for k in keys_a - keys_b if not k.startswith("rng/")),
+                          sorted(k for k in keys_b - keys_a if not k.startswith("rng/")))
+
+    def export(self, ref: str, module: str, out: str | os.PathLike[str], run: str | None = None) -> str:
+        """Write the weights of one module of a snapshot to a standalone ``.safetensors`` file
+        (loadable with ``safetensors.torch.load_file`` or ``nbguard.load_weights``)."""
+        snapshot = self.get(ref, run)
+        if module not in snapshot.names:
+            raise UsageError(f"snapshot {snapshot.id} has no {module!r}; it has: {', '.join(snapshot.names)}")
+        state = snapshot.state_dict(module)
+        if not isinstance(state, dict):
+            raise UsageError(f"{module!r} in snapshot {snapshot.id} is not a module's state_dict")
+        tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise UsageError(f"{module!r} in snapshot {snapshot.id} holds no tensors to export")
+        return write_safetensors(tensors, out, {"nbguard.snapshot": snapshot.id, "nbguard.module": module})
+
+
+def _replace(info: SnapshotInfo, **changes: Any) -> SnapshotInfo:
+    from dataclasses import replace
+
+    return replace(info, **changes)

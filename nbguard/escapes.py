@@ -1,0 +1,116 @@
+"""Seeing writes that torch's version counter misses.
+
+Every in-place op on a tensor (an optimizer step, ``copy_`` under ``no_grad``, ``load_state_dict``)
+bumps ``tensor._version``, which nbguard compares between saves to skip unchanged tensors. A few
+doors bypass that counter: ``p.data`` (a new tensor with its own counter over the same memory),
+``.numpy()`` / ``__array__``, ``untyped_storage()`` and DLPack. While change tracking is on, these
+doors are wrapped so that the storage they expose is marked: a ``.data`` view is kept (weakly)
+and its own counter is watched; memory handed to NumPy or DLPack is never trusted again.
+
+Not seen: writes through a raw pointer (``data_ptr()`` with ctypes or a C extension) or through an
+``untyped_storage()`` object kept across two snapshots. The README lists these limits.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+_TensorBase = torch._C.TensorBase
+_data = _TensorBase.data
+raw_numpy = _TensorBase.numpy
+raw_untyped_storage = _TensorBase.untyped_storage
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    """(device, address) of a tensor's storage, read without marking it."""
+    return (str(tensor.device), raw_untyped_storage(tensor).data_ptr())
+
+
+class EscapeLog:
+    """Storages exposed through a door that bypasses the version counter."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recent: set[tuple[str, int]] = set()
+        self._never_trusted: set[tuple[str, int]] = set()
+        self._views: dict[tuple[str, int], list[tuple[weakref.ref, int]]] = {}
+
+    def note_view(self, view: torch.Tensor) -> None:
+        key = storage_key(view)
+        with self._lock:
+            self._recent.add(key)
+            self._views.setdefault(key, []).append((weakref.ref(view), view._version))
+
+    def note_exposed(self, tensor: torch.Tensor, *, forever: bool) -> None:
+        key = storage_key(tensor)
+        with self._lock:
+            (self._never_trusted if forever else self._recent).add(key)
+
+    def may_have_changed(self, key: tuple[str, int]) -> bool:
+        """Whether memory of this storage may have been written unseen since the last ``settle``."""
+        with self._lock:
+            if key in self._recent or key in self._never_trusted:
+                return True
+            return any((view := ref()) is not None and view._version != seen for ref, seen in self._views.get(key, ()))
+
+    def settle(self) -> None:
+        """Start a new period: forget one-off exposures, re-base the watched views."""
+        with self._lock:
+            self._recent.clear()
+            for key, views in list(self._views.items()):
+                alive = [(ref, view._version) for ref, _ in views if (view := ref()) is not None]
+                if alive:
+                    self._views[key] = alive
+                else:
+                    del self._views[key]
+
+
+LOG = EscapeLog()
+_installed = False
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Wrap the doors (once per process). Their behaviour is unchanged."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        original_numpy = torch.Tensor.numpy
+        original_array = torch.Tensor.__array__
+        original_storage = torch.Tensor.untyped_storage
+        original_dlpack = torch.Tensor.__dlpack__
+
+        def data_get(self: torch.Tensor) -> torch.Tensor:
+            view = _data.__get__(self)
+            LOG.note_view(view)
+            return view
+
+        def data_set(self: torch.Tensor, value: torch.Tensor) -> None:
+            _data.__set__(self, value)
+
+        def numpy(self: torch.Tensor, *args, **kwargs):
+            LOG.note_exposed(self, forever=True)
+            return original_numpy(self, *args, **kwargs)
+
+        def array(self: torch.Tensor, *args, **kwargs):
+            LOG.note_exposed(self, forever=True)
+            return original_array(self, *args, **kwargs)
+
+        def untyped_storage(self: torch.Tensor):
+            LOG.note_exposed(self, forever=False)
+            return original_storage(self)
+
+        def dlpack(self: torch.Tensor, *args, **kwargs):
+            LOG.note_exposed(self, forever=True)
+            return original_dlpack(self, *args, **kwargs)
+
+        torch.Tensor.data = property(data_get, data_set, doc=_data.__doc__)
+        torch.Tensor.numpy = numpy
+        torch.Tensor.__array__ = array
+        torch.Tensor.untyped_storage = untyped_storage
+        torch.Tensor.__dlpack__ = dlpack
+        _installed = True

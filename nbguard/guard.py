@@ -1,0 +1,299 @@
+"""``Guard``: the session object that saves, restores and lists the snapshots of one run.
+
+It works the same from a plain script and under the notebook magics::
+
+    guard = nbguard.Guard("checkpoints", run="mnist", keep=3, best=("val_loss", "min"))
+    for epoch in range(start, 20):
+        ...
+        guard.save({"model": model, "opt": opt, "sched": sched, "history": history},
+                   metrics={"val_loss": val_loss}, position={"epoch": epoch})
+    guard.flush()
+
+``save`` returns as soon as the state is copied into reused memory buffers; hashing and writing
+happen on one background thread, and storage trouble is reported, never raised into the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .blobfile import blob_chunks, blob_name, blob_path, build_header, hash_bytes
+from .capture import capture
+from .catalog import Catalog
+from .codec import encode
+from .errors import NbguardError, StoreError, UsageError
+from .escapes import raw_numpy
+from .manifest import (
+    FORMAT,
+    VERSION,
+    SnapshotInfo,
+    check_run_name,
+    encode_manifest,
+    info_from,
+    manifest_path,
+    new_id,
+)
+from .manifest import writer_id as new_writer_id
+from .retention import Policy
+from .snapshot import RestoreReport, Snapshot
+from .staging import Group, StagedSnapshot, StagingArea, StoredEntry
+from .store import Store
+from .writer import SaveHandle, Writer
+
+Reporter = Callable[[str], None]
+
+
+def print_report(message: str) -> None:
+    """The default reporter: one line on stderr."""
+    print(f"nbguard: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """Figures of one save."""
+
+    stall: float  # seconds the caller was blocked
+    staged_bytes: int
+    reused_bytes: int
+    written_bytes: int = 0
+    durable_after: float = 0.0  # seconds from the call until the manifest was committed
+    streaming: bool = False
+
+
+class Guard:
+    """Saves and restores the full training state of one run in one store."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike[str] = "nbguard-snapshots",
+        *,
+        run: str = "default",
+        keep: int = 3,
+        best: tuple[str, str] | str | None = None,
+        keep_best: int = 1,
+        report: Reporter | None = print_report,
+        track_changes: bool = True,
+    ):
+        self.catalog = store if isinstance(store, Catalog) else Catalog(store)
+        self.store = self.catalog.store
+        self.run = check_run_name(run)
+        if isinstance(best, str):
+            best = Policy.parse_best(best)
+        self.policy = Policy(keep=keep, best_metric=best[0] if best else None,
+                             best_mode=best[1] if best else "min", best_k=keep_best)
+        self.writer_id = new_writer_id()
+        self._report = report or (lambda message: None)
+        self._reported: set[str] = set()
+        self._staging = StagingArea(track_changes=track_changes)
+        self._writer = Writer()
+        self._lock = threading.Lock()
+        self.last_stats: SaveStats | None = None
+        self.last_saved: SnapshotInfo | None = None
+        self.last_error: BaseException | None = None
+        self._streaming_said = False
+
+    def __repr__(self) -> str:
+        return f"Guard(store={self.store.url!r}, run={self.run!r}, keep={self.policy.keep})"
+
+    # -- saving ------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether a save is still being written (a new ``save`` would wait for it)."""
+        return self._writer.busy
+
+    def save(
+        self,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        position: Any = None,
+        note: str | None = None,
+        tags: Iterable[str] = (),
+        extra: Any = None,
+        wait: bool = False,
+    ) -> SaveHandle[SnapshotInfo]:
+        """Snapshot ``state`` (name → object or value) plus every RNG.
+
+        Returns once the state is staged in memory; the handle's ``wait()``/``result()`` tell when
+        it is durable. Values that cannot be stored are skipped with a one-line warning.
+        """
+        started = time.perf_counter()
+        metrics = _check_metrics(metrics)
+        with self._lock:
+            self._writer.flush()  # at most one save in flight: its buffers are about to be reused
+            snapshot_id = new_id()
+            captured = capture(state)
+            for name, reason in captured.skipped.items():
+                self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
+            staged = self._staging.stage(captured.tensors)
+            manifest = {
+                "format": FORMAT, "version": VERSION, "id": snapshot_id, "run": self.run,
+                "created": time.time(), "writer": self.writer_id,
+                "position": encode(position, "position", _no_tensors),
+                "metrics": metrics, "note": note, "tags": sorted(set(tags)),
+                "versions": {"nbguard": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                             "python": platform.python_version()},
+                "objects": captured.objects, "rng": captured.rng, "skipped": captured.skipped,
+                "tensors": staged.layouts, "storages": {}, "size": 0, "written": 0,
+                "extra": encode(extra, "extra", captured.sink_for(captured.tensors)),
+            }
+            if set(captured.tensors) - set(staged.layouts):  # tensors from `extra`
+                extra_staged = self._staging.stage({k: v for k, v in captured.tensors.items() if k not in staged.layouts})
+                staged.groups += extra_staged.groups
+                staged.layouts.update(extra_staged.layouts)
+            stall = time.perf_counter() - started
+            stats = SaveStats(stall, staged.staged_bytes, staged.reused_bytes, streaming=staged.streaming)
+            handle: SaveHandle[SnapshotInfo] = SaveHandle(snapshot_id)
+            job = lambda: self._write(manifest, staged, stats, started)  # noqa: E731
+            if staged.streaming:
+                if not self._streaming_said:
+                    self._streaming_said = True
+                    self._report("not enough free memory to stage a copy of the state: saving directly from the "
+                                 "live tensors instead (training waits for the write; no extra memory is used)")
+                self._writer.run_inline(job, handle)
+            else:
+                self._writer.submit(job, handle)
+        if wait:
+            handle.wait()
+        return handle
+
+    def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float) -> SnapshotInfo:
+        try:
+            entries, written = self._write_blob(staged)
+            manifest["storages"] = {
+                g.key: {"blob": entries[g.key].blob, "entry": entries[g.key].entry,
+                        "nbytes": entries[g.key].nbytes, "hash": entries[g.key].hash}
+                for g in staged.groups
+            }
+            manifest["size"] = sum(e.nbytes for e in entries.values())
+            manifest["written"] = written
+            path = manifest_path(self.run, manifest["id"])
+            self.store.write(path, [encode_manifest(manifest)])
+        except BaseException as exc:
+            self._staging.forget(staged.groups)
+            self.last_error = exc
+            if isinstance(exc, StoreError):
+                self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
+                                               "save tries again.")
+            raise
+        self._staging.commit(staged.groups, entries)
+        info = info_from(manifest, state=self.catalog._state(path))
+        self.last_error = None
+        self.last_saved = info
+        self.last_stats = replace(stats, written_bytes=written, durable_after=time.perf_counter() - started)
+        self.catalog.notify("saved", info)
+        try:
+            self.catalog.apply_retention(self.run, self.policy)
+        except NbguardError as exc:
+            self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
+        return info
+
+    def _write_blob(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], int]:
+        entries: dict[str, StoredEntry] = {}
+        new: list[tuple[Group, str, memoryview]] = []
+        for group in staged.groups:
+            if group.reuse is not None:
+                entries[group.key] = group.reuse
+                continue
+            view = memoryview(raw_numpy(group.buffer)) if group.nbytes else memoryview(b"")
+            digest = hash_bytes(view)
+            previous = self._staging.previous_entry(group.key)
+            if previous is not None and previous.hash == digest and previous.nbytes == group.nbytes:
+                entries[group.key] = previous  # copied, but the bytes turned out unchanged: not written
+            else:
+                new.append((group, digest, view))
+        if not new:
+            return entries, 0
+        items = [(g.key, *g.entry_layout(), view.nbytes, digest) for g, digest, view in new]
+        header, layout = build_header(items)
+        name = blob_name(header)
+        views = {g.key: view for g, _, view in new}
+        self.store.write(blob_path(name), blob_chunks(header, [views[e.name] for e in layout]))
+        for entry in layout:
+            entries[entry.name] = StoredEntry(name, entry.name, entry.code, entry.shape, entry.nbytes, entry.hash)
+        return entries, len(header) + sum(v.nbytes for v in views.values())
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the last save is durable; False on timeout."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush and stop the background writer."""
+        return self._writer.close(timeout)
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self._report(message)
+
+    # -- reading -----------------------------------------------------------------------------
+    def snapshots(self) -> list[SnapshotInfo]:
+        """This run's snapshots, newest first."""
+        return self.catalog.snapshots(self.run)
+
+    def latest(self) -> SnapshotInfo | None:
+        snapshots = self.snapshots()
+        return snapshots[0] if snapshots else None
+
+    def load(self, ref: str = "latest") -> Snapshot:
+        return self.catalog.get(ref, self.run)
+
+    def restore(
+        self,
+        state: Mapping[str, Any] | None = None,
+        ref: str = "latest",
+        *,
+        namespace: MutableMapping[str, Any] | None = None,
+        rng: bool = True,
+    ) -> RestoreReport:
+        """Restore a snapshot of this run into live objects. 'latest' falls back to the newest intact
+        snapshot when the newest is damaged, and says so."""
+        self.flush()
+        if ref == "latest":
+            snapshot, skipped = self.catalog.latest_good(self.run)
+            for message in skipped:
+                self._report(message)
+        else:
+            snapshot, skipped = self.catalog.get(ref, self.run), []
+        report = snapshot.restore(state, namespace=namespace, rng=rng)
+        report.notes.extend(skipped)
+        return report
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    out = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(name, str) or type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
+            if isinstance(name, str) and type(value) is float:
+                continue  # nan/inf metrics are dropped rather than breaking the save
+            raise UsageError(f"metric {name!r} must be a number, not {type(value).__name__}")
+        out[name] = value
+    return out
+
+
+def _no_tensors(path: str, tensor: torch.Tensor) -> str:
+    raise UsageError(f"{path}: a loop position must be plain numbers and text, not a tensor")
+
+
+def load(location: str | os.PathLike[str] | Store, ref: str = "latest", *, run: str | None = None) -> Snapshot:
+    """A snapshot from a folder or URL, by id, 'latest' or 'best:METRIC', to restore anywhere::
+
+        snap = nbguard.load("checkpoints", "latest")
+        snap.restore({"model": model, "opt": opt})
+    """
+    return Catalog(location).get(ref, run)

@@ -1,0 +1,309 @@
+"""Reading a snapshot back, and restoring it into live objects.
+
+Restoring validates everything first — every byte's hash, every name, shape, dtype and type —
+and only then applies, so a failed restore leaves the live objects untouched. Tensors are views
+on private copy-on-write maps of the blob files: nothing is copied until something writes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import rng as rng_streams
+from .blobfile import BlobHeader, blob_path, dtype_from_name, parse_header, verify_entry
+from .capture import kind_of, type_name
+from .codec import decode, tensor_refs
+from .errors import CorruptSnapshotError, RestoreError
+from .humanize import size as human_size
+from .manifest import SnapshotInfo, info_from
+from .store import Store
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did: each object, each RNG stream, the loop position, and what was missing."""
+
+    snapshot: SnapshotInfo
+    restored: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
+    values: dict[str, Any] = field(default_factory=dict)
+    rng: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def position(self) -> Any:
+        return self.snapshot.position
+
+    def describe(self) -> str:
+        """A short plain-words report."""
+        lines = []
+        what = ", ".join(f"{name} ({kind})" for name, kind in self.restored) or "nothing"
+        lines.append(f"restored {what}")
+        if self.rng:
+            lines.append(f"random number generators: {', '.join(self.rng)}")
+        if self.snapshot.label:
+            lines.append(f"loop position: {self.snapshot.label}")
+        if self.missing:
+            lines.append(f"not found in your session (run the cell that creates them first): {', '.join(self.missing)}")
+        lines.extend(self.notes)
+        return "; ".join(lines)
+
+
+class Snapshot:
+    """One snapshot in a store: its manifest, and lazy, verified access to its tensors."""
+
+    def __init__(self, store: Store, manifest: dict[str, Any], *, pinned: bool = False, state: str = "local"):
+        self.store = store
+        self.manifest = manifest
+        self.info = info_from(manifest, pinned=pinned, state=state)
+        self._blobs: dict[str, tuple[Any, BlobHeader]] = {}
+        self._storages: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"<Snapshot {self.info.id} run={self.info.run!r} {self.info.label or ''} {human_size(self.info.size)}>"
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.info.metrics
+
+    @property
+    def position(self) -> Any:
+        return self.info.position
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.manifest["objects"])
+
+    # -- reading ----------------------------------------------------------------------------
+    def _blob(self, name: str, progress: Callable[[int], None] | None = None) -> tuple[Any, BlobHeader]:
+        if name not in self._blobs:
+            data = self.store.open_blob(blob_path(name), progress=progress)
+            self._blobs[name] = (data, parse_header(data, expected_name=name))
+        return self._blobs[name]
+
+    def storage(self, key: str, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The verified bytes of one storage, as a uint8 tensor."""
+        if key not in self._storages:
+            spec = self.manifest["storages"][key]
+            data, header = self._blob(spec["blob"], progress)
+            entry = header.entries.get(spec["entry"])
+            if entry is None or entry.nbytes != spec["nbytes"] or entry.hash != spec["hash"]:
+                raise CorruptSnapshotError(f"snapshot {self.id}: blob {spec['blob'][:12]}… lacks entry {spec['entry']!r}")
+            raw = verify_entry(data, header, spec["entry"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only buffers (memory stores) are copied below
+                tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
+            if raw.readonly:
+                tensor = tensor.clone()
+            self._storages[key] = tensor
+        return self._storages[key]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
+        memory when saved share it again."""
+        if key not in self._tensors:
+            spec = self.manifest["tensors"].get(key)
+            if spec is None:
+                raise CorruptSnapshotError(f"snapshot {self.id} refers to a missing tensor {key!r}")
+            self._tensors[key] = self._view(key, spec)
+        return self._tensors[key]
+
+    def _view(self, key: str, spec: dict[str, Any]) -> torch.Tensor:
+        dtype = dtype_from_name(spec["dtype"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shape, stride, offset = spec["shape"], spec["stride"], spec["byte_offset"]
+        data = self.storage(spec["storage"])
+        numel = math.prod(shape)
+        reach = 0 if numel == 0 else sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1
+        needed = reach * itemsize
+        if offset + needed > data.numel():
+            raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} reaches past its stored bytes")
+        raw = data[offset: offset + needed]
+        if offset % itemsize:
+            raw = raw.clone()
+        typed = raw.view(dtype) if needed else torch.empty(0, dtype=dtype)
+        return typed.as_strided(shape, stride, 0) if needed else torch.empty(shape, dtype=dtype)
+
+    def _decode(self, tree: Any) -> Any:
+        return decode(tree, self.tensor)
+
+    def tree(self, name: str) -> dict[str, Any]:
+        obj = self.manifest["objects"].get(name)
+        if obj is None:
+            raise KeyError(f"snapshot {self.id} holds no {name!r}; it holds {', '.join(self.names)}")
+        return obj
+
+    def state_dict(self, name: str) -> Any:
+        """The saved state_dict of an object (or the saved value of a plain variable)."""
+        return self._decode(self.tree(name)["tree"])
+
+    value = state_dict
+
+    def verify(self, progress: ProgressFn | None = None) -> None:
+        """Check every byte of the snapshot against its hash; CorruptSnapshotError if any fails."""
+        self._load(self.manifest["storages"], progress)
+
+    def _load(self, storage_keys: Iterable[str], progress: ProgressFn | None) -> None:
+        keys = list(dict.fromkeys(storage_keys))
+        total = sum(self.manifest["storages"][k]["nbytes"] for k in keys)
+        done = 0
+        for key in keys:
+            self.storage(key)
+            done += self.manifest["storages"][key]["nbytes"]
+            if progress:
+                progress(done, total)
+
+    def storage_keys_of(self, names: Iterable[str]) -> list[str]:
+        keys = []
+        for name in names:
+            for ref in tensor_refs(self.tree(name)["tree"]):
+                spec = self.manifest["tensors"].get(ref)
+                if spec is None:
+                    raise CorruptSnapshotError(f"snapshot {self.id} refers to a missing tensor {ref!r}")
+                keys.append(spec["storage"])
+        return keys
+
+    # -- restoring --------------------------------------------------------------------------
+    def restore(
+        self,
+        objects: Mapping[str, Any] | None = None,
+        *,
+        namespace: MutableMapping[str, Any] | None = None,
+        only: Iterable[str] | None = None,
+        rng: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> RestoreReport:
+        """Restore into live objects (looked up in ``objects``, then ``namespace``).
+
+        Plain values are assigned into ``namespace`` when given, and returned in the report's
+        ``values`` either way. RNG states are applied last. Nothing is changed unless everything
+        validates.
+        """
+        objects = dict(objects or {})
+        names = list(only) if only is not None else list(self.manifest["objects"])
+        report = RestoreReport(self.info)
+        plan: list[tuple[str, str, Any, Any]] = []  # (name, kind, live object, decoded state)
+        self._load(self.storage_keys_of(names) + self._rng_storage_keys(rng), progress)
+        for name in names:
+            entry = self.tree(name)
+            kind = entry["kind"]
+            if kind == "value":
+                plan.append((name, kind, None, self._decode(entry["tree"])))
+                continue
+            live = objects.get(name, namespace.get(name) if namespace is not None else None)
+            if live is None:
+                report.missing.append(name)
+                continue
+            state = self._decode(entry["tree"])
+            _check_fits(name, entry, live, state)
+            plan.append((name, kind, live, state))
+        rng_state = self._decode(self.manifest["rng"]) if rng and self.manifest["rng"] is not None else None
+        for name, kind, live, state in plan:
+            _apply(name, kind, live, state, namespace, report)
+        if rng_state:
+            report.rng = rng_streams.restore(rng_state)
+        return report
+
+    def _rng_storage_keys(self, rng: bool) -> list[str]:
+        if not rng or self.manifest["rng"] is None:
+            return []
+        return [self.manifest["tensors"][ref]["storage"] for ref in tensor_refs(self.manifest["rng"])
+                if ref in self.manifest["tensors"]]
+
+
+def _describe(live: Any) -> str:
+    return type(live).__name__
+
+
+def _check_fits(name: str, entry: dict[str, Any], live: Any, state: Any) -> None:
+    saved_type = entry["type"]
+    if entry["kind"] == "generator":
+        if not isinstance(live, torch.Generator):
+            raise RestoreError(f"{name} is a {_describe(live)} in your session but a torch.Generator in the snapshot")
+        return
+    if kind_of(live) != "stateful":
+        raise RestoreError(f"{name} in your session is a {_describe(live)} without load_state_dict(); "
+                           f"the snapshot holds a {saved_type.rsplit('.', 1)[-1]}")
+    if isinstance(live, torch.nn.Module):
+        _check_module(name, live, state)
+    elif isinstance(live, torch.optim.Optimizer):
+        _check_optimizer(name, live, state, saved_type)
+    elif type_name(live) != saved_type and type(live).__name__ != saved_type.rsplit(".", 1)[-1]:
+        raise RestoreError(f"{name} is a {_describe(live)} in your session but a {saved_type.rsplit('.', 1)[-1]} in the "
+                           "snapshot: create the same kind of object, then restore")
+
+
+def _check_module(name: str, module: torch.nn.Module, state: Any) -> None:
+    if not isinstance(state, dict):
+        raise CorruptSnapshotError(f"the saved state of {name} is not a state_dict")
+    live = module.state_dict()
+    missing = [k for k in live if k not in state]
+    unexpected = [k for k in state if k not in live]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing in the snapshot: {', '.join(missing[:5])}")
+        if unexpected:
+            detail.append(f"not in your model: {', '.join(unexpected[:5])}")
+        raise RestoreError(f"{name} does not match the snapshot ({'; '.join(detail)}): build the model the same "
+                           "way as when the snapshot was taken")
+    for key, tensor in live.items():
+        saved = state[key]
+        if isinstance(tensor, torch.Tensor) and isinstance(saved, torch.Tensor) and tensor.shape != saved.shape:
+            raise RestoreError(f"{name}.{key} has shape {list(saved.shape)} in the snapshot but {list(tensor.shape)} in "
+                               "your model: build the model with the same sizes as when the snapshot was taken")
+
+
+def _check_optimizer(name: str, optimizer: torch.optim.Optimizer, state: Any, saved_type: str) -> None:
+    if type_name(optimizer) != saved_type:
+        raise RestoreError(f"{name} is a {_describe(optimizer)} in your session but a {saved_type.rsplit('.', 1)[-1]} in "
+                           "the snapshot: create the same optimizer, then restore")
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list):
+        raise CorruptSnapshotError(f"the saved state of {name} has no param_groups")
+    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    if live_sizes != saved_sizes:
+        raise RestoreError(f"{name} has parameter groups of sizes {live_sizes} in your session but {saved_sizes} in the "
+                           "snapshot: create it over the same model parameters")
+
+
+def _apply(name: str, kind: str, live: Any, state: Any, namespace: MutableMapping[str, Any] | None,
+           report: RestoreReport) -> None:
+    if kind == "value":
+        current = namespace.get(name) if namespace is not None else None
+        state = _to_device_like(state, current)
+        report.values[name] = state
+        if namespace is not None:
+            namespace[name] = state
+        report.restored.append((name, type(state).__name__))
+        return
+    if kind == "generator":
+        live.set_state(state["state"].to("cpu", torch.uint8).contiguous())
+        report.restored.append((name, "torch.Generator"))
+        return
+    live.load_state_dict(state)
+    report.restored.append((name, _describe(live)))
+
+
+def _to_device_like(value: Any, current: Any) -> Any:
+    """A restored tensor goes where the live one of the same name is (a GPU snapshot restores on a
+    CPU-only machine, and back)."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(current, torch.Tensor):
+            return value.to(current.device)
+        return value
+    return value

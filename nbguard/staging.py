@@ -1,0 +1,223 @@
+"""Staging: the short part of a save that blocks the caller.
+
+Tensors are grouped by the storage they live in (tied weights and views are stored once and
+shared again after restore). For each group nbguard decides, without reading its bytes, whether
+it is unchanged since the last committed snapshot: same storage, same byte span, same layout,
+same version counters, and no unseen write through the doors ``escapes`` watches. Unchanged
+groups are neither copied, hashed nor written; the others are copied into buffers that are kept
+and reused between saves (fresh memory costs page faults: ~2 GiB/s against ~13 GiB/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import escapes
+from .blobfile import DTYPE_CODES, torch_dtype_name
+
+_TensorBase = torch._C.TensorBase
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """Where a group's bytes live in the store."""
+
+    blob: str
+    entry: str
+    code: str
+    shape: tuple[int, ...]
+    nbytes: int
+    hash: str
+
+
+@dataclass
+class Group:
+    """The tensors sharing one storage, and the byte span of it that they cover."""
+
+    key: str  # the first member's tensor key: stable between saves
+    device: torch.device
+    storage: object
+    begin: int
+    end: int
+    members: list[tuple[str, torch.Tensor]]
+    identity: tuple = ()
+    versions: tuple[int, ...] = ()
+    reuse: StoredEntry | None = None
+    buffer: torch.Tensor | None = None  # uint8 copy of the span (or a live view when streaming)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def simple(self) -> bool:
+        """One contiguous tensor filling its span: stored with its own dtype and shape."""
+        if len(self.members) != 1:
+            return False
+        tensor = self.members[0][1]
+        return tensor.is_contiguous() and tensor.dtype in DTYPE_CODES and tensor.numel() * tensor.element_size() == self.nbytes
+
+    def entry_layout(self) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype code, shape) this group is written with."""
+        if self.simple:
+            tensor = self.members[0][1]
+            return DTYPE_CODES[tensor.dtype], tuple(tensor.shape)
+        return "U8", (self.nbytes,)
+
+
+@dataclass
+class StagedSnapshot:
+    """The result of staging: groups to write (with buffers) and groups to reuse."""
+
+    groups: list[Group]
+    streaming: bool = False
+    staged_bytes: int = 0
+    reused_bytes: int = 0
+    layouts: dict[str, dict] = field(default_factory=dict)  # tensor key -> manifest entry
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return start, start
+    reach = sum((dim - 1) * stride for dim, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (reach + 1) * size
+
+
+def group_tensors(tensors: dict[str, torch.Tensor]) -> list[Group]:
+    """Group tensors by storage; the span covers every member."""
+    groups: dict[tuple[str, int], Group] = {}
+    for key, tensor in tensors.items():
+        storage = escapes.raw_untyped_storage(tensor)
+        skey = (str(tensor.device), storage.data_ptr()) if storage.data_ptr() else (key, id(tensor))
+        begin, end = _span(tensor)
+        group = groups.get(skey)
+        if group is None:
+            groups[skey] = Group(key, tensor.device, storage, begin, end, [(key, tensor)])
+        else:
+            group.begin, group.end = min(group.begin, begin), max(group.end, end)
+            group.members.append((key, tensor))
+    return list(groups.values())
+
+
+def _layout(group: Group, key: str, tensor: torch.Tensor) -> dict:
+    return {
+        "storage": group.key,
+        "dtype": torch_dtype_name(tensor.dtype),
+        "shape": list(tensor.shape),
+        "stride": list(tensor.stride()),
+        "byte_offset": tensor.storage_offset() * tensor.element_size() - group.begin,
+        "device": str(tensor.device),
+        "requires_grad": bool(tensor.requires_grad),
+    }
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the kernel says are available, or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class StagingArea:
+    """Reused copy buffers plus the record of what the last committed snapshot holds."""
+
+    def __init__(self, *, track_changes: bool = True, memory_margin: float = 0.1):
+        self.track_changes = track_changes
+        self.memory_margin = memory_margin
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
+        if track_changes:
+            escapes.install()
+
+    def stage(self, tensors: dict[str, torch.Tensor], *, allow_streaming: bool = True) -> StagedSnapshot:
+        """Decide per group (reuse or copy), and copy the changed ones into buffers."""
+        groups = group_tensors(tensors)
+        staged = StagedSnapshot(groups)
+        for group in groups:
+            group.identity = (
+                str(group.device), group.storage.data_ptr(), group.begin, group.end,
+                tuple((k, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for k, t in group.members),
+            )
+            group.versions = tuple(t._version for _, t in group.members)
+            for key, tensor in group.members:
+                staged.layouts[key] = _layout(group, key, tensor)
+            previous = self._committed.get(group.key)
+            if (
+                self.track_changes
+                and previous is not None
+                and previous[0] == group.identity
+                and previous[1] == group.versions
+                and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()))
+            ):
+                group.reuse = previous[2]
+                staged.reused_bytes += group.nbytes
+        changed = [g for g in groups if g.reuse is None]
+        staged.streaming = allow_streaming and not self._room_for(changed)
+        for group in changed:
+            group.buffer = self._live_view(group) if staged.streaming and group.device.type == "cpu" else self._copy(group)
+            staged.staged_bytes += group.nbytes
+        if any(g.device.type == "cuda" for g in changed):
+            torch.cuda.synchronize()
+        if self.track_changes:
+            escapes.LOG.settle()
+        return staged
+
+    def _room_for(self, groups: list[Group]) -> bool:
+        needed = sum(g.nbytes for g in groups if g.device.type == "cpu" and self._reusable(g) is None)
+        if needed == 0:
+            return True
+        free = available_memory()
+        return free is None or needed <= free * (1 - self.memory_margin) - 256 * 2**20
+
+    def _reusable(self, group: Group) -> torch.Tensor | None:
+        buffer = self._buffers.get(group.key)
+        return buffer if buffer is not None and buffer.numel() == group.nbytes else None
+
+    @staticmethod
+    def _live_view(group: Group) -> torch.Tensor:
+        view = torch.empty(0, dtype=torch.uint8, device=group.device)
+        return view.set_(group.storage, group.begin, (group.nbytes,))
+
+    def _copy(self, group: Group) -> torch.Tensor:
+        buffer = self._reusable(group)
+        if buffer is None:
+            pin = group.device.type == "cuda"
+            buffer = torch.empty(group.nbytes, dtype=torch.uint8, pin_memory=pin)
+            self._buffers[group.key] = buffer
+        if group.nbytes:
+            buffer.copy_(self._live_view(group), non_blocking=group.device.type == "cuda")
+        return buffer
+
+    def commit(self, groups: list[Group], entries: dict[str, StoredEntry]) -> None:
+        """Record what a committed snapshot holds, so the next save can skip unchanged groups."""
+        for group in groups:
+            self._committed[group.key] = (group.identity, group.versions, entries[group.key])
+
+    def previous_entry(self, key: str) -> StoredEntry | None:
+        """What the last committed snapshot stored for a group."""
+        previous = self._committed.get(key)
+        return previous[2] if previous else None
+
+    def forget(self, groups: list[Group]) -> None:
+        """A save failed: its staged groups must be copied again next time."""
+        for group in groups:
+            if group.reuse is None:
+                self._committed.pop(group.key, None)
+
+    def drop_buffers(self) -> None:
+        """Release the staging memory (it is allocated again by the next save)."""
+        self._buffers.clear()
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())
+

@@ -1,0 +1,91 @@
+"""Weights-only files for deployment: standard safetensors, written atomically, read without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+
+import torch
+
+from .blobfile import (
+    CODE_DTYPES,
+    DTYPE_CODES,
+    BlobHeader,
+    Entry,
+    _parse_entry,
+    build_header,
+    hash_bytes,
+    parse_header,
+)
+from .errors import CorruptSnapshotError, StoreError, UsageError
+from .escapes import raw_numpy
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out: str | os.PathLike[str], metadata: dict[str, str]) -> str:
+    """A standard safetensors file of contiguous CPU copies, written atomically."""
+    buffers, items = {}, []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in DTYPE_CODES:
+            raise UsageError(f"{name}: dtype {tensor.dtype} cannot be stored in a safetensors file")
+        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8) if tensor.numel() else \
+            torch.empty(0, dtype=torch.uint8)
+        view = memoryview(raw_numpy(data))
+        buffers[name] = view
+        items.append((name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), view.nbytes, hash_bytes(view)))
+    header, entries = build_header(items)
+    header = _with_metadata(header, metadata)
+    path = os.path.abspath(os.fspath(out))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for entry in entries:
+                f.write(buffers[entry.name])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise StoreError(f"writing {path} failed: {exc.strerror}") from exc
+    return path
+
+
+def _with_metadata(header: bytes, extra: dict[str, str]) -> bytes:
+    parsed = json.loads(header[8:])
+    parsed["__metadata__"].update(extra)
+    text = json.dumps(parsed, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a weights file written by ``export`` (or any safetensors file) into a state_dict,
+    without unpickling anything."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        header = parse_header(data)
+    except CorruptSnapshotError:
+        header = _plain_safetensors_header(data)
+    out = {}
+    for name, entry in header.entries.items():
+        raw = memoryview(data)[header.data_start + entry.begin: header.data_start + entry.end]
+        tensor = torch.frombuffer(bytearray(raw), dtype=CODE_DTYPES[entry.code]) if entry.nbytes else \
+            torch.empty(0, dtype=CODE_DTYPES[entry.code])
+        out[name] = tensor.reshape(entry.shape).to(device)
+    return out
+
+
+def _plain_safetensors_header(data: bytes):
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise CorruptSnapshotError("not a safetensors file (truncated header)")
+    header = json.loads(data[8: 8 + length])
+    header.pop("__metadata__", None)
+    entries = {name: _parse_entry(name, spec, "", len(data) - 8 - length) for name, spec in header.items()}
+    return BlobHeader(data[: 8 + length], 8 + length, {n: Entry(e.name, e.code, e.shape, e.begin, e.end, "") for n, e in entries.items()})
