@@ -102,6 +102,7 @@ class Guard:
         self.last_saved: SnapshotInfo | None = None
         self.last_error: BaseException | None = None
         self._streaming_said = False
+        self._last_value_trees: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Guard(store={self.store.url!r}, run={self.run!r}, keep={self.policy.keep})"
@@ -188,6 +189,7 @@ class Guard:
                                                "save tries again.")
             raise
         self._staging.commit(staged.groups, entries)
+        self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
         info = info_from(manifest, state=self.catalog._state(path))
         self.last_error = None
         self.last_saved = info
@@ -223,6 +225,17 @@ class Guard:
         for entry in layout:
             entries[entry.name] = StoredEntry(name, entry.name, entry.code, entry.shape, entry.nbytes, entry.hash)
         return entries, len(header) + sum(v.nbytes for v in views.values())
+
+    def changed_since_last(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` differs from the last committed snapshot (tensors by version and identity,
+        plain values by content); copies nothing."""
+        if self.last_saved is None:
+            return True
+        captured = capture(state, with_rng=False)
+        if self._staging.would_copy(captured.tensors):
+            return True
+        trees = {name: obj["tree"] for name, obj in captured.objects.items() if obj["kind"] == "value"}
+        return trees != self._last_value_trees
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the last save is durable; False on timeout."""

@@ -103,6 +103,14 @@ def group_tensors(tensors: dict[str, torch.Tensor]) -> list[Group]:
     return list(groups.values())
 
 
+def _identify(group: Group) -> None:
+    group.identity = (
+        str(group.device), group.storage.data_ptr(), group.begin, group.end,
+        tuple((k, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for k, t in group.members),
+    )
+    group.versions = tuple(t._version for _, t in group.members)
+
+
 def _layout(group: Group, key: str, tensor: torch.Tensor) -> dict:
     return {
         "storage": group.key,
@@ -138,27 +146,36 @@ class StagingArea:
         if track_changes:
             escapes.install()
 
+    def _unchanged(self, group: Group) -> StoredEntry | None:
+        previous = self._committed.get(group.key)
+        if (
+            self.track_changes
+            and previous is not None
+            and previous[0] == group.identity
+            and previous[1] == group.versions
+            and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()))
+        ):
+            return previous[2]
+        return None
+
+    def would_copy(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether any of these tensors changed since the last committed snapshot (nothing is copied)."""
+        for group in group_tensors(tensors):
+            _identify(group)
+            if self._unchanged(group) is None:
+                return True
+        return False
+
     def stage(self, tensors: dict[str, torch.Tensor], *, allow_streaming: bool = True) -> StagedSnapshot:
         """Decide per group (reuse or copy), and copy the changed ones into buffers."""
         groups = group_tensors(tensors)
         staged = StagedSnapshot(groups)
         for group in groups:
-            group.identity = (
-                str(group.device), group.storage.data_ptr(), group.begin, group.end,
-                tuple((k, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for k, t in group.members),
-            )
-            group.versions = tuple(t._version for _, t in group.members)
+            _identify(group)
             for key, tensor in group.members:
                 staged.layouts[key] = _layout(group, key, tensor)
-            previous = self._committed.get(group.key)
-            if (
-                self.track_changes
-                and previous is not None
-                and previous[0] == group.identity
-                and previous[1] == group.versions
-                and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()))
-            ):
-                group.reuse = previous[2]
+            group.reuse = self._unchanged(group)
+            if group.reuse is not None:
                 staged.reused_bytes += group.nbytes
         changed = [g for g in groups if g.reuse is None]
         staged.streaming = allow_streaming and not self._room_for(changed)

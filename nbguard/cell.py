@@ -1,0 +1,339 @@
+"""A guarded cell run: find the state, resume where the run stopped, save at safe points.
+
+``CheckpointedCell`` is what ``%%checkpointed`` calls, and it needs no IPython: it takes the
+cell's source, the namespace it runs in, and the options. The loops of the cell are rewritten
+(``loops``) so that a timer, an interrupt or a shutdown request only sets a flag and the save
+happens at the end of the current iteration.
+"""
+
+from __future__ import annotations
+
+import ast
+import signal
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import torch
+
+from . import rng
+from .codec import encode
+from .discover import Discovery, discover
+from .errors import NbguardError, SnapshotError
+from .humanize import ago, clock
+from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
+from .manifest import SnapshotInfo
+from .session import CellOptions, Session
+from .snapshot import Snapshot
+
+STEP_NAMES = {"step", "steps", "global_step", "iteration", "it", "itr", "iter_num"}
+DOUBLE_INTERRUPT_SECONDS = 3.0
+
+
+class StopAfterSave(KeyboardInterrupt):
+    """Raised at the safe point after an interrupt's snapshot was taken."""
+
+
+class CheckpointedCell:
+    """One execution of a guarded cell."""
+
+    def __init__(self, source: str, namespace: MutableMapping[str, Any], options: CellOptions, session: Session,
+                 *, run: str, filename: str = "<checkpointed>"):
+        self.source = source
+        self.namespace = namespace
+        self.options = options
+        self.session = session
+        self.report = session.report
+        self.run = run
+        self.cell = instrument_cell(source, filename=filename)
+        self.guard = session.guard(options, run)
+        self.location = session.store_location(options)
+        self.labels = _loop_labels(source, self.cell.loops)
+        self.discovery: Discovery | None = None
+        self.runtime: LoopRuntime | None = None
+        self.saves = 0
+        self.resumed_from: SnapshotInfo | None = None
+        self._stop_requested = 0.0
+        self._shutdown = False
+        self._timer_pending = False
+        self._said_captured = False
+        self._done = threading.Event()
+
+    # -- state -------------------------------------------------------------------------------
+    def _discover(self) -> Discovery:
+        self.discovery = discover(self.source, dict(self.namespace), include=self.options.state,
+                                  exclude=self.options.exclude)
+        return self.discovery
+
+    def state(self) -> dict[str, Any]:
+        """Name → live object or value, as the cell knows them now."""
+        discovery = self._discover()
+        state = dict(discovery.objects)
+        for name in discovery.values:
+            if name in self.namespace:
+                state[name] = self.namespace[name]
+        return state
+
+    def metrics(self, state: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.options.best:
+            name = self.options.best[0]
+            if name not in self.namespace:
+                self.report_once(f"best:{name}", f"--best {name}: there is no variable {name!r} in the notebook yet; "
+                                                 "snapshots are ranked once the cell assigns it")
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                value = value.item()
+            if type(value) in (int, float) and name not in self.labels.values():
+                out[name] = value
+        if self.options.best and self.options.best[0] in self.namespace:
+            value = self.namespace[self.options.best[0]]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if type(value) in (int, float):
+                out[self.options.best[0]] = value
+        return dict(list(out.items())[:12])
+
+    def report_once(self, key: str, message: str) -> None:
+        self.guard._say_once(key, message)
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, positions: list[LoopPosition] | None, *, completed: bool = False, tags: tuple[str, ...] = (),
+             note: str | None = None, wait: bool = False):
+        state = self.state()
+        if not self._said_captured and self.discovery is not None:
+            self._said_captured = True
+            self.report(self.discovery.describe())
+        loops = [[p.loop_id, p.completed, p.birth] for p in positions or []]
+        position: dict[str, Any] = {self.labels.get(p.loop_id, f"loop{p.loop_id}"): p.completed
+                                    for p in positions or []}
+        if completed:
+            position["completed"] = True
+        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed}
+        handle = self.guard.save(state, metrics=self.metrics(state), position=position, note=note,
+                                 tags=tags, extra=extra, wait=wait)
+        self.saves += 1
+        return handle
+
+    def _on_safe_point(self, point) -> None:
+        reasons = set(point.reasons)
+        interrupted = "interrupt" in reasons or "shutdown" in reasons
+        if not interrupted and self.guard.busy:
+            self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
+            return
+        tags = ("interrupted",) if interrupted else ()
+        handle = self.save(point.positions, tags=tags, wait=interrupted)
+        if "shutdown" in reasons:
+            self._shutdown_after_save(handle)
+        if "interrupt" in reasons:
+            label = self.guard.last_saved.label if self.guard.last_saved else ""
+            print(f"nbguard: interrupted — saved a snapshot{f' at {label}' if label else ''}. "
+                  "Run the cell again to continue from there.", flush=True)
+            raise StopAfterSave()
+
+    def _shutdown_after_save(self, handle) -> None:
+        self.guard.flush(30)
+        self.report("saved a snapshot before shutting down (SIGTERM); run the notebook again to resume")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        import os
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def save_if_changed(self, reason: str = "manual") -> bool:
+        """A final snapshot when the guarded objects changed since the last one (used at shutdown)."""
+        if self.guard.last_saved is None or not self.guard.changed_since_last(self.state()):
+            return False
+        self.save(None, tags=(reason,), wait=True)
+        return True
+
+    # -- resume --------------------------------------------------------------------------------
+    def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
+        catalog = self.guard.catalog
+        options = self.options
+        if options.fresh:
+            return None, []
+        start_point = self.session.start_points.pop((self.location, self.run), None)
+        ref = options.resume_from or start_point
+        if ref:
+            return catalog.get(ref, None if options.resume_from else self.run), []
+        try:
+            snapshot, skipped = catalog.latest_good(self.run)
+        except SnapshotError:
+            return None, [f"{path}: {problem}" for path, problem in catalog.problems.items()]
+        extra = _extra(snapshot)
+        if extra.get("fingerprint") != self.cell.fingerprint:
+            when = f"{ago(snapshot.info.created)} ({clock(snapshot.info.created)})"
+            label = f", {snapshot.info.label}" if snapshot.info.label else ""
+            self.report(f"snapshot {snapshot.id} ({when}{label}) was taken by an earlier version of this cell, so it "
+                        f"is not applied. To continue from it anyway: %%checkpointed --resume-from {snapshot.id} ; "
+                        "to start over and stop seeing this: --fresh")
+            return None, skipped
+        return snapshot, skipped
+
+    def _plan(self, snapshot: Snapshot) -> ResumePlan:
+        extra = _extra(snapshot)
+        if extra.get("completed"):
+            return ResumePlan(completed=True)
+        positions = [LoopPosition(int(loop_id), int(done), birth) for loop_id, done, birth in extra.get("loops", [])]
+        return ResumePlan(positions=positions)
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        report = snapshot.restore(namespace=self.namespace)
+        self.resumed_from = snapshot.info
+        # The restored snapshot is the base of the next one: unchanged tensors are not written again.
+        info = snapshot.info
+        when = f"saved {ago(info.created)} at {clock(info.created)}"
+        where = f", {info.label}" if info.label else ""
+        what = ", ".join(name for name, _ in report.restored)
+        finished = _extra(snapshot).get("completed")
+        if finished:
+            print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
+                  f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
+        else:
+            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}); restored {what} and the random "
+                  f"number generators ({', '.join(report.rng)})", flush=True)
+        if report.missing:
+            print(f"nbguard: not found in the notebook, so not restored: {', '.join(report.missing)} "
+                  "(run the cell that creates them first)", flush=True)
+        for note in report.notes:
+            print(f"nbguard: {note}", flush=True)
+        if self.runtime is not None and getattr(self.runtime, "resumed_with_workers", False):
+            print("nbguard: note — a DataLoader with worker processes was resumed mid-epoch; if its dataset draws "
+                  "random numbers (augmentation), the rest of this epoch can differ slightly from an "
+                  "uninterrupted run", flush=True)
+
+    # -- running -------------------------------------------------------------------------------
+    def request_shutdown(self) -> None:
+        self._shutdown = True
+        if self.runtime is not None:
+            self.runtime.request_safe_point("shutdown")
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self._stop_requested and now - self._stop_requested < DOUBLE_INTERRUPT_SECONDS:
+            raise KeyboardInterrupt  # second interrupt: stop at once
+        self._stop_requested = now
+        print("nbguard: interrupt received — saving at the end of this iteration (interrupt again to stop now)",
+              flush=True)
+        if self.runtime is not None:
+            self.runtime.request_safe_point("interrupt")
+
+    def _timer(self) -> None:
+        interval = self.options.every
+        next_at = time.monotonic() + interval
+        while not self._done.wait(min(0.5, max(0.0, next_at - time.monotonic()))):
+            if self._timer_pending and not self.guard.busy:
+                self._timer_pending = False
+                self.runtime.request_safe_point("timer")
+            if time.monotonic() >= next_at:
+                next_at = time.monotonic() + interval
+                self.runtime.request_safe_point("timer")
+
+    def run(self) -> None:
+        """Execute the cell under guard. Exceptions of the cell propagate (after a message)."""
+        snapshot, problems = self._find_resume()
+        for problem in problems:
+            self.report(problem)
+        plan = self._plan(snapshot) if snapshot is not None else None
+        self.runtime = LoopRuntime(
+            self.cell,
+            on_safe_point=self._on_safe_point,
+            capture_birth=lambda: encode(rng.capture(), "birth", _birth_tensors),
+            apply_birth=_apply_birth,
+            resume=plan,
+            on_resume=(lambda: self._restore(snapshot)) if snapshot is not None else None,
+            every_iter=self.options.every_iter,
+        )
+        self.session.running_cell = self
+        self.session.last_cell = self
+        previous_sigint = _install(signal.SIGINT, self._on_sigint)
+        timer = threading.Thread(target=self._timer, name="nbguard-timer", daemon=True)
+        timer.start()
+        try:
+            with self.runtime.active():
+                self.runtime.execute(self.namespace)
+            if snapshot is not None and plan is not None and not self.cell.loops:
+                self._restore(snapshot)
+            self.save(None, completed=True, tags=("final",))
+        except StopAfterSave:
+            raise
+        except KeyboardInterrupt:
+            self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
+            raise
+        except Exception:
+            if not isinstance(_current_exception(), NbguardError):
+                self._said(f"the cell stopped with an error; the last snapshot is kept{self._last_text()}. "
+                           "Fix the problem and run the cell again to resume from there")
+            raise
+        finally:
+            self._done.set()
+            _restore_handler(signal.SIGINT, previous_sigint)
+            self.session.running_cell = None
+
+    def _last_text(self) -> str:
+        last = self.guard.last_saved or (self.resumed_from if self.resumed_from else None)
+        if last is None:
+            return " (none was taken yet)"
+        return f" ({last.id}{', ' + last.label if last.label else ''}, {ago(last.created)})"
+
+    def _said(self, message: str) -> None:
+        print(f"nbguard: {message}", flush=True)
+
+
+def _current_exception() -> BaseException | None:
+    import sys
+
+    return sys.exc_info()[1]
+
+
+def _birth_tensors(path: str, tensor: torch.Tensor) -> str:
+    raise NotImplementedError  # replaced below: births are stored inside `extra`, whose tensors the Guard keeps
+
+
+def _apply_birth(birth: Any) -> None:
+    if birth:
+        rng.restore(birth)
+
+
+def _extra(snapshot: Snapshot) -> dict[str, Any]:
+    from .codec import decode
+
+    value = decode(snapshot.manifest["extra"], snapshot.tensor)
+    return value if isinstance(value, dict) else {}
+
+
+def _install(signum: int, handler: Callable) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signum)
+    signal.signal(signum, handler)
+    return previous
+
+
+def _restore_handler(signum: int, previous: Any) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, previous)
+
+
+def _loop_labels(source: str, loops: list) -> dict[int, str]:
+    """Readable names for loop positions: 'epoch' for the outermost, 'batch' inside it, 'step' for
+    loops whose variable is a step counter or for while loops."""
+    targets: dict[int, str | None] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.For):
+            target = node.target
+            if isinstance(target, ast.Tuple) and target.elts:
+                target = target.elts[0]
+            targets[node.lineno] = target.id if isinstance(target, ast.Name) else None
+    labels: dict[int, str] = {}
+    for loop in loops:
+        name = targets.get(loop.lineno)
+        if loop.kind == "while" or (name and name.lower() in STEP_NAMES):
+            label = "step"
+        else:
+            label = {0: "epoch", 1: "batch"}.get(loop.depth, f"loop{loop.depth + 1}")
+        if label in labels.values():
+            label = f"{label}{loop.depth + 1}"
+        labels[loop.id] = label
+    return labels

@@ -1,0 +1,250 @@
+"""The IPython layer: ``%load_ext nbguard``, ``%%checkpointed`` and ``%nbguard``.
+
+Each magic parses its line, makes one call on the core (``session``, ``cell``, ``catalog``) and
+shows the result. All logic lives in the core, which works the same from a plain script.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import session as sessions
+from .cell import CheckpointedCell, StopAfterSave
+from .errors import NbguardError, UsageError
+from .humanize import ago, clock
+from .humanize import size as human_size
+from .manifest import check_run_name, slug
+from .place import default_location, detect_platform, notebook_identity
+from .retention import Policy
+from .session import CellOptions, Session, parse_duration
+
+
+def _report(message: str) -> None:
+    print(f"nbguard: {message}", flush=True)
+
+
+@magics_class
+class NbguardMagics(Magics):
+    """``%%checkpointed`` and ``%nbguard``."""
+
+    def __init__(self, shell: Any, session: Session):
+        super().__init__(shell)
+        self.session = session
+        self._cell_runs: dict[str, str] = {}
+
+    @magic_arguments()
+    @argument("--every", default=None, help="save on a timer, e.g. 30s, 10m, 1h (default 5m)")
+    @argument("--every-iter", type=int, default=None, help="also save every N iterations of the outermost loop")
+    @argument("--keep", type=int, default=None, help="keep the newest N snapshots (default 3)")
+    @argument("--best", default=None, help="also keep the best snapshot by variable NAME[:min|max]")
+    @argument("--name", default=None, help="run name (default: one per cell)")
+    @argument("--dir", default=None, help="folder or URL for snapshots (default: shown by %%load_ext nbguard)")
+    @argument("--state", default=None, help="capture exactly these names: a,b,c")
+    @argument("--exclude", default=None, help="do not capture these names: x,y")
+    @argument("--fresh", action="store_true", help="ignore earlier snapshots and start a new run")
+    @argument("--resume-from", default=None, help="resume from this snapshot id")
+    @cell_magic
+    def checkpointed(self, line: str, cell: str) -> None:
+        """Autosave the training state of this cell and resume it after a crash or disconnect.
+
+        Example::
+
+            %%checkpointed --every 10m --best val_loss:min
+            for epoch in range(20):
+                for x, y in loader:
+                    loss = loss_fn(model(x), y)
+                    opt.zero_grad(); loss.backward(); opt.step()
+                sched.step()
+                val_loss = evaluate(model)
+                history.append(val_loss)
+
+        The models, optimizers, schedulers, scalers and generators the cell uses (also through
+        functions it calls) and the variables it changes are saved with every random number
+        generator at the end of a loop iteration: on the timer, every N iterations, on interrupt
+        and at shutdown. Run the cell again after a disconnect and it continues where it stopped.
+        """
+        args = parse_argstring(self.checkpointed, line)
+        try:
+            options = self._options(args)
+            run = options.name or self._run_name(cell)
+            guarded = CheckpointedCell(cell, self.shell.user_ns, options, self.session, run=run,
+                                       filename=self._filename())
+        except (NbguardError, SyntaxError) as exc:
+            print(f"nbguard: {exc}")
+            return
+        try:
+            guarded.run()
+        except StopAfterSave:
+            return
+        except BaseException:
+            self.shell.showtraceback()
+
+    def _options(self, args: Any) -> CellOptions:
+        base = self.session.defaults
+        best = Policy.parse_best(args.best) if args.best else base.best
+        return CellOptions(
+            every=parse_duration(args.every) if args.every else base.every,
+            every_iter=_positive(args.every_iter, "--every-iter") if args.every_iter is not None else base.every_iter,
+            keep=_positive(args.keep, "--keep") if args.keep is not None else base.keep,
+            best=best,
+            name=check_run_name(args.name) if args.name else base.name,
+            dir=args.dir or base.dir,
+            state=tuple(_names(args.state)) if args.state else None,
+            exclude=tuple(_names(args.exclude)) if args.exclude else (),
+            fresh=args.fresh,
+            resume_from=args.resume_from,
+        )
+
+    def _run_name(self, cell: str) -> str:
+        """One run per cell: the front end's cell id where it sends one, else the order in which
+        guarded cells first ran in this kernel (stable under "Run all")."""
+        metadata = getattr(self.shell, "parent_header", {}).get("metadata", {}) or {}
+        cell_id = metadata.get("cellId") or metadata.get("cell_id")
+        if isinstance(cell_id, str) and cell_id:
+            return slug(f"cell-{cell_id[:12]}")
+        key = cell.strip()
+        if key not in self._cell_runs:
+            n = len(set(self._cell_runs.values())) + 1
+            self._cell_runs[key] = "train" if n == 1 else f"train-{n}"
+        return self._cell_runs[key]
+
+    def _filename(self) -> str:
+        return f"<checkpointed-{self.shell.execution_count}>"
+
+    @line_magic
+    def nbguard(self, line: str) -> Any:
+        """nbguard commands::
+
+            %nbguard status                      what is guarded, last save, next save, where
+            %nbguard save [--note TEXT]          a snapshot now (of the last guarded cell's state)
+            %nbguard list                        the snapshots of this notebook
+            %nbguard restore [ID|latest|best]    restore into the notebook's objects
+            %nbguard config KEY=VALUE ...        defaults for later cells (every, every_iter, keep, best, dir, name)
+            %nbguard panel                       the snapshot panel
+            %nbguard drive [FOLDER]              keep snapshots in Google Drive through its API
+            %nbguard gc                          remove unused files
+        """
+        words = shlex.split(line)
+        command, rest = (words[0], words[1:]) if words else ("status", [])
+        handler = getattr(self, f"_cmd_{command.replace('-', '_')}", None)
+        if handler is None:
+            print(f"nbguard: unknown command {command!r}: use status, save, list, restore, config, panel, drive or gc")
+            return None
+        try:
+            return handler(rest)
+        except NbguardError as exc:
+            print(f"nbguard: {exc}")
+            return None
+
+    def _cmd_status(self, rest: list[str]) -> None:
+        print(self.session.status_text())
+
+    def _cmd_save(self, rest: list[str]) -> None:
+        note = None
+        if rest[:1] == ["--note"]:
+            note = " ".join(rest[1:]) or None
+        elif rest:
+            raise UsageError("usage: %nbguard save [--note TEXT]")
+        handle = self.session.save_now(note=note)
+        print(f"nbguard: snapshot {handle.id} is staged and being written in the background")
+
+    def _cmd_list(self, rest: list[str]) -> None:
+        catalog = self.session.catalog(rest[0] if rest else None)
+        snapshots = catalog.snapshots()
+        if not snapshots:
+            print(f"nbguard: no snapshots in {catalog.store.url} yet")
+            return
+        for s in snapshots:
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in list(s.metrics.items())[:3])
+            flags = " ".join(f"[{t}]" for t in (("pinned",) if s.pinned else ()) + s.tags)
+            print(f"{s.id}  {s.run:<12} {clock(s.created)} ({ago(s.created)})  {s.label:<22} {metrics}  "
+                  f"{human_size(s.size)}  {s.state}  {flags}")
+
+    def _cmd_restore(self, rest: list[str]) -> None:
+        ref = rest[0] if rest else "latest"
+        report = self.session.restore(ref)
+        print(f"nbguard: {report.describe()}. Re-running the training cell continues from this snapshot.")
+
+    def _cmd_config(self, rest: list[str]) -> None:
+        settings = {}
+        for item in rest:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"config takes KEY=VALUE pairs, not {item!r}")
+            settings[key.strip().replace("-", "_")] = value.strip()
+        options = self.session.configure(**settings)
+        print(f"nbguard: defaults for later cells: every {options.every:.0f} s, keep {options.keep}"
+              + (f", best {options.best[0]} ({options.best[1]})" if options.best else "")
+              + (f", every {options.every_iter} iterations" if options.every_iter else "")
+              + (f", folder {options.dir}" if options.dir else ""))
+
+    def _cmd_panel(self, rest: list[str]) -> Any:
+        from .panel import open_panel
+
+        return open_panel(rest[0] if rest else self.session.default_dir, namespace=self.shell.user_ns,
+                          guard=self.session.active_guard(), place_text=self.session.place_text,
+                          on_restore=self.session.on_panel_restore)
+
+    def _cmd_drive(self, rest: list[str]) -> None:
+        print(self.session.connect_drive(rest[0] if rest else None))
+
+    def _cmd_gc(self, rest: list[str]) -> None:
+        report = self.session.catalog().gc()
+        print(f"nbguard: removed {len(report.blobs)} unused blob(s) and {len(report.temp_files)} leftover file(s), "
+              f"{human_size(report.freed)} freed")
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"not variable names: {', '.join(bad)} (give names separated by commas, e.g. model,opt)")
+    return names
+
+
+_loaded: dict[int, tuple[NbguardMagics, Session]] = {}
+
+
+def load_extension(shell: Any) -> None:
+    """Register the magics and handlers once per shell; print where snapshots go."""
+    if id(shell) in _loaded:
+        print(_loaded[id(shell)][1].banner())
+        return
+    platform = detect_platform(shell=shell)
+    identity = notebook_identity(shell=shell)
+    place = default_location(platform, identity)
+    session = Session(shell.user_ns, _report, place.path, place_text=place.why)
+    session.install_handlers()
+    magics = NbguardMagics(shell, session)
+    shell.register_magics(magics)
+    _loaded[id(shell)] = (magics, session)
+    sessions.set_current(session)
+    print(session.banner())
+    if place.warning:
+        print(place.warning)
+
+
+def unload_extension(shell: Any) -> None:
+    """Remove the magics and handlers that ``load_extension`` added."""
+    entry = _loaded.pop(id(shell), None)
+    if entry is None:
+        return
+    magics, session = entry
+    session.remove_handlers()
+    for kind in ("cell", "line"):
+        table = shell.magics_manager.magics[kind]
+        for name in magics.magics[kind]:
+            table.pop(name, None)
+    shell.magics_manager.registry.pop(type(magics).__name__, None)
+    if sessions.current() is session:
+        sessions.set_current(None)
