@@ -223,7 +223,7 @@ def load_extension(shell: Any) -> None:
     platform = detect_platform(shell=shell)
     identity = notebook_identity(shell=shell)
     place = default_location(platform, identity)
-    session = Session(shell.user_ns, _report, place.path, place_text=place.why)
+    session = Session(shell.user_ns, _report, place.path, place_text=place.why, notebook=identity.name)
     session.install_handlers()
     magics = NbguardMagics(shell, session)
     shell.register_magics(magics)

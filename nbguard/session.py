@@ -74,6 +74,7 @@ class Session:
     report: Reporter
     default_dir: str
     place_text: str = ""
+    notebook: str = "notebook"
     defaults: CellOptions = field(default_factory=CellOptions)
     guards: dict[tuple[str, str], Guard] = field(default_factory=dict)
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)

@@ -20,6 +20,7 @@ import io
 import mmap
 import os
 import posixpath
+import re
 import threading
 import time
 import uuid
@@ -420,7 +421,10 @@ def open_store(location: str | os.PathLike[str] | Store) -> Store:
     if not isinstance(text, str) or not text.strip():
         raise UsageError("the store location is empty: pass a folder path or a URL such as gdrive://nbguard")
     if "://" not in text:
-        return LocalStore(os.path.expanduser(text))
+        path = os.path.abspath(os.path.expanduser(text))
+        if any(path == m or path.startswith(m + os.sep) for m in mount_prefixes()):
+            return _staged(path, lambda: LocalStore(path), "mount")
+        return LocalStore(path)
     scheme = text.split("://", 1)[0].lower()
     if scheme == "file":
         return LocalStore(text.split("://", 1)[1])
@@ -433,7 +437,7 @@ def open_store(location: str | os.PathLike[str] | Store) -> Store:
             raise UsageError(
                 "Google Drive support needs extra packages: pip install 'nbguard[drive]'"
             ) from exc
-        return open_drive_store(text)
+        return _staged(text, lambda: open_drive_store(text), "api")
     try:
         import fsspec
 
@@ -444,6 +448,37 @@ def open_store(location: str | os.PathLike[str] | Store) -> Store:
             "gdrive://FOLDER, or an fsspec URL whose package is installed"
         ) from exc
     return FsspecStore(text)
+
+
+def mount_prefixes() -> list[str]:
+    """Folders that are network mounts, where a write returning does not mean the bytes are safe:
+    Colab's Drive mount, plus any in ``NBGUARD_MOUNT_PREFIXES`` (os.pathsep-separated)."""
+    extra = [p for p in os.environ.get("NBGUARD_MOUNT_PREFIXES", "").split(os.pathsep) if p]
+    return [os.path.abspath(p) for p in ["/content/drive", *extra]]
+
+
+def staging_folder(location: str) -> str:
+    """The local folder where saves to ``location`` land first (``NBGUARD_STAGING`` overrides the base)."""
+    import hashlib
+
+    base = os.environ.get("NBGUARD_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "nbguard", "staging")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", location).strip("-")[-60:]
+    return os.path.join(base, f"{name}-{hashlib.sha1(location.encode()).hexdigest()[:8]}")
+
+
+_staged_stores: dict[str, Store] = {}
+
+
+def _staged(location: str, remote: Callable[[], Store], kind: str) -> Store:
+    # One replicated store (one uploader thread) per location and process.
+    with _memory_lock:
+        store = _staged_stores.get(location)
+        if store is None:
+            from .replica import ReplicatedStore
+
+            store = ReplicatedStore(LocalStore(staging_folder(location)), remote(), remote_kind=kind)
+            _staged_stores[location] = store
+        return store
 
 
 _memory_stores: dict[str, MemoryStore] = {}
