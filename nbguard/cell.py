@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from . import rng
-from .codec import encode
 from .discover import Discovery, discover
 from .errors import NbguardError, SnapshotError
 from .humanize import ago, clock
@@ -45,11 +44,12 @@ class CheckpointedCell:
         self.options = options
         self.session = session
         self.report = session.report
-        self.run = run
+        self.run_name = run
         self.cell = instrument_cell(source, filename=filename)
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
         self.labels = _loop_labels(source, self.cell.loops)
+        self.loop_targets = _loop_targets(source)
         self.discovery: Discovery | None = None
         self.runtime: LoopRuntime | None = None
         self.saves = 0
@@ -85,7 +85,7 @@ class CheckpointedCell:
         for name, value in state.items():
             if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
                 value = value.item()
-            if type(value) in (int, float) and name not in self.labels.values():
+            if type(value) is float and name not in self.loop_targets:
                 out[name] = value
         if self.options.best and self.options.best[0] in self.namespace:
             value = self.namespace[self.options.best[0]]
@@ -153,12 +153,12 @@ class CheckpointedCell:
         options = self.options
         if options.fresh:
             return None, []
-        start_point = self.session.start_points.pop((self.location, self.run), None)
+        start_point = self.session.start_points.pop((self.location, self.run_name), None)
         ref = options.resume_from or start_point
         if ref:
-            return catalog.get(ref, None if options.resume_from else self.run), []
+            return catalog.get(ref, None if options.resume_from else self.run_name), []
         try:
-            snapshot, skipped = catalog.latest_good(self.run)
+            snapshot, skipped = catalog.latest_good(self.run_name)
         except SnapshotError:
             return None, [f"{path}: {problem}" for path, problem in catalog.problems.items()]
         extra = _extra(snapshot)
@@ -179,7 +179,7 @@ class CheckpointedCell:
         return ResumePlan(positions=positions)
 
     def _restore(self, snapshot: Snapshot) -> None:
-        report = snapshot.restore(namespace=self.namespace)
+        report = snapshot.restore(self._discover().objects, namespace=self.namespace)
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         info = snapshot.info
@@ -232,6 +232,8 @@ class CheckpointedCell:
 
     def run(self) -> None:
         """Execute the cell under guard. Exceptions of the cell propagate (after a message)."""
+        __tracebackhide__ = True
+        self.guard.flush()  # a save of the previous run may still be in flight
         snapshot, problems = self._find_resume()
         for problem in problems:
             self.report(problem)
@@ -239,7 +241,7 @@ class CheckpointedCell:
         self.runtime = LoopRuntime(
             self.cell,
             on_safe_point=self._on_safe_point,
-            capture_birth=lambda: encode(rng.capture(), "birth", _birth_tensors),
+            capture_birth=rng.capture,
             apply_birth=_apply_birth,
             resume=plan,
             on_resume=(lambda: self._restore(snapshot)) if snapshot is not None else None,
@@ -253,9 +255,7 @@ class CheckpointedCell:
         try:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
-            if snapshot is not None and plan is not None and not self.cell.loops:
-                self._restore(snapshot)
-            self.save(None, completed=True, tags=("final",))
+            self.save(None, completed=True, tags=("final",), wait=True)
         except StopAfterSave:
             raise
         except KeyboardInterrupt:
@@ -272,6 +272,7 @@ class CheckpointedCell:
             self.session.running_cell = None
 
     def _last_text(self) -> str:
+        self.guard.flush(10)
         last = self.guard.last_saved or (self.resumed_from if self.resumed_from else None)
         if last is None:
             return " (none was taken yet)"
@@ -285,10 +286,6 @@ def _current_exception() -> BaseException | None:
     import sys
 
     return sys.exc_info()[1]
-
-
-def _birth_tensors(path: str, tensor: torch.Tensor) -> str:
-    raise NotImplementedError  # replaced below: births are stored inside `extra`, whose tensors the Guard keeps
 
 
 def _apply_birth(birth: Any) -> None:
@@ -314,6 +311,12 @@ def _install(signum: int, handler: Callable) -> Any:
 def _restore_handler(signum: int, previous: Any) -> None:
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signum, previous)
+
+
+def _loop_targets(source: str) -> set[str]:
+    """Names bound by the cell's for-loops (epoch counters and batches are not metrics)."""
+    return {n.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.For)
+            for n in ast.walk(node.target) if isinstance(n, ast.Name)}
 
 
 def _loop_labels(source: str, loops: list) -> dict[int, str]:

@@ -76,12 +76,11 @@ class NbguardMagics(Magics):
         except (NbguardError, SyntaxError) as exc:
             print(f"nbguard: {exc}")
             return
+        __tracebackhide__ = True  # IPython leaves nbguard's frames out of the user's traceback
         try:
             guarded.run()
         except StopAfterSave:
             return
-        except BaseException:
-            self.shell.showtraceback()
 
     def _options(self, args: Any) -> CellOptions:
         base = self.session.defaults
@@ -153,6 +152,7 @@ class NbguardMagics(Magics):
         print(f"nbguard: snapshot {handle.id} is staged and being written in the background")
 
     def _cmd_list(self, rest: list[str]) -> None:
+        self.session.flush(10)
         catalog = self.session.catalog(rest[0] if rest else None)
         snapshots = catalog.snapshots()
         if not snapshots:

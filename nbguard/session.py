@@ -142,6 +142,10 @@ class Session:
                      f"{where}: re-run the training cell to resume, or open %nbguard panel")
         return text
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for every pending save of this session."""
+        return all(guard.flush(timeout) for guard in list(self.guards.values()))
+
     def active_guard(self) -> Guard | None:
         cell = self.running_cell or self.last_cell
         return cell.guard if cell is not None else None
@@ -153,7 +157,7 @@ class Session:
         if cell is None:
             lines.append("no %%checkpointed cell has run yet in this session")
         else:
-            lines.append(f"guarded run: {cell.run} in {cell.location}")
+            lines.append(f"guarded run: {cell.run_name} in {cell.location}")
             if cell.discovery is not None:
                 lines.append(cell.discovery.describe())
             guard = cell.guard
@@ -185,8 +189,7 @@ class Session:
         """``%nbguard restore``: a snapshot into the notebook's objects; it also becomes the point the
         run's %%checkpointed cell continues from."""
         catalog = self.catalog()
-        for guard in self.guards.values():
-            guard.flush()
+        self.flush()
         snapshot = catalog.get(ref)
         report = snapshot.restore(namespace=self.namespace)
         self.set_start_point(self.default_dir, snapshot.info)

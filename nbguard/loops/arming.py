@@ -1,0 +1,218 @@
+"""Arming: turn on, only when a save was requested, the event that reports the next iteration end.
+
+While nothing is pending the cell runs untraced. On a request:
+
+* Python 3.12+: ``sys.monitoring`` local JUMP events on the cell's code object, from any thread;
+  the callback sees the backward jump onto a loop's ``FOR_ITER``.
+* Python 3.10/3.11: ``sys.settrace`` can only be turned on by the thread it traces, so another
+  thread calls ``_thread.interrupt_main(ARM_SIGNAL)``; the handler installed for that spare signal
+  runs in the main thread between two bytecodes and sets ``f_trace`` on the cell's frame. The line
+  event at a loop's ``FOR_ITER`` only follows a backward jump, i.e. the end of an iteration.
+
+Either way the event is switched off again at the safe point, before the callback runs.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import Any, Protocol
+
+# A signal that is unused in notebooks; interrupt_main() only simulates it (nothing is sent).
+ARM_SIGNAL: int | None = getattr(signal, "SIGUSR2", None) or getattr(signal, "SIGBREAK", None)
+_TOOL_IDS = (4, 3)  # sys.monitoring ids that no standard tool claims (0-2 and 5 are named)
+
+OnIterationEnd = Callable[[int], None]
+
+
+class Arming(Protocol):
+    armed: bool
+
+    def install(self) -> None: ...
+    def uninstall(self) -> None: ...
+    def arm(self) -> None: ...
+    def disarm(self) -> None: ...
+
+
+def make_arming(code: CodeType, ends: dict[int, int], on_end: OnIterationEnd) -> Arming:
+    """The cheapest mechanism this interpreter offers."""
+    if sys.version_info >= (3, 12):
+        return MonitoringArming(code, ends, on_end)
+    return TraceArming(code, ends, on_end)
+
+
+class MonitoringArming:
+    """sys.monitoring JUMP events, local to the cell's code object (3.12+)."""
+
+    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd):
+        self.code, self.ends, self.on_end = code, ends, on_end
+        self.armed = False
+        self._tool: int | None = None
+        self._fallback: TraceArming | None = None
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        monitoring = sys.monitoring  # type: ignore[attr-defined]
+        for tool in _TOOL_IDS:
+            try:
+                monitoring.use_tool_id(tool, "nbguard")
+            except ValueError:
+                continue
+            self._tool = tool
+            monitoring.register_callback(tool, monitoring.events.JUMP, self._on_jump)
+            return
+        self._fallback = TraceArming(self.code, self.ends, self.on_end)  # every id taken: trace instead
+        self._fallback.install()
+
+    def uninstall(self) -> None:
+        if self._fallback is not None:
+            self._fallback.uninstall()
+            self._fallback = None
+            return
+        if self._tool is None:
+            return
+        monitoring = sys.monitoring  # type: ignore[attr-defined]
+        with self._lock:
+            self.disarm()
+            monitoring.register_callback(self._tool, monitoring.events.JUMP, None)
+            monitoring.free_tool_id(self._tool)
+            self._tool = None
+
+    def arm(self) -> None:
+        if self._fallback is not None:
+            self._fallback.arm()
+            return
+        with self._lock:
+            if self._tool is not None and not self.armed:
+                self.armed = True
+                sys.monitoring.set_local_events(self._tool, self.code, sys.monitoring.events.JUMP)  # type: ignore[attr-defined]
+
+    def disarm(self) -> None:
+        if self._fallback is not None:
+            self._fallback.disarm()
+        elif self.armed and self._tool is not None:
+            self.armed = False
+            sys.monitoring.set_local_events(self._tool, self.code, 0)  # type: ignore[attr-defined]
+
+    def _on_jump(self, code: CodeType, offset: int, destination: int) -> Any:
+        loop_id = self.ends.get(destination)
+        if loop_id is not None and code is self.code and self.armed:
+            self.on_end(loop_id)
+
+
+def _untrace_child() -> None:
+    # A worker process forked while armed (a DataLoader starting its workers) must not inherit the
+    # tracer: it would run every call of the worker through Python.
+    trace = sys.gettrace()
+    if isinstance(getattr(trace, "__self__", None), TraceArming):
+        sys.settrace(None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_untrace_child)
+
+
+class TraceArming:
+    """sys.settrace on the cell's frame, switched on in the main thread through a spare signal."""
+
+    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd, signum: int | None = ARM_SIGNAL):
+        self.code, self.ends, self.on_end, self.signum = code, ends, on_end, signum
+        self.armed = False
+        self._thread = threading.get_ident()
+        self._handler_installed = False
+        self._previous_handler: Any = None
+        self._sent = False
+        self._lock = threading.Lock()
+        self._previous_trace: Any = None
+        self._frame: FrameType | None = None
+        self._previous_local: Any = None
+
+    @property
+    def cross_thread(self) -> bool:
+        """Whether requests from other threads can arm (False outside the main thread)."""
+        return self._handler_installed
+
+    def install(self) -> None:
+        self._thread = threading.get_ident()
+        if self.signum is None or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._previous_handler = signal.signal(self.signum, self._on_signal)
+        except (ValueError, OSError):
+            return
+        self._handler_installed = True
+
+    def uninstall(self) -> None:
+        with self._lock:
+            installed, self._handler_installed = self._handler_installed, False
+        spins = 0
+        while self._sent and spins < 1000:  # let a simulated signal already on its way reach our handler
+            spins += 1
+        self._sent = False
+        self.disarm()
+        if installed:
+            previous = self._previous_handler
+            signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)  # type: ignore[arg-type]
+
+    def arm(self) -> None:
+        if self.armed:
+            return
+        if threading.get_ident() == self._thread:
+            self._arm_here(sys._getframe(1))
+            return
+        with self._lock:
+            if self._handler_installed and not self._sent:
+                self._sent = True
+                _thread.interrupt_main(self.signum)
+
+    def disarm(self) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        sys.settrace(self._previous_trace)
+        if self._frame is not None:
+            self._frame.f_trace = self._previous_local
+        self._frame = self._previous_trace = self._previous_local = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self._sent:  # a real signal of that number: pass it on
+            if callable(self._previous_handler):
+                self._previous_handler(signum, frame)
+            return
+        self._sent = False
+        if frame is not None:
+            self._arm_here(frame)
+
+    def _arm_here(self, frame: FrameType | None) -> None:
+        if self.armed:
+            return
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        self._previous_trace = sys.gettrace()
+        self.armed = True
+        sys.settrace(self._on_call)  # also catches the cell's frame if it has not started yet
+        if frame is not None:
+            self._frame, self._previous_local = frame, frame.f_trace
+            frame.f_trace = self._on_line
+
+    def _on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code is self.code and self.armed:
+            self._frame, self._previous_local = frame, None
+            return self._on_line
+        return None
+
+    def _on_line(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if not self.armed:
+            return None
+        if event == "line":
+            loop_id = self.ends.get(frame.f_lasti)
+            if loop_id is not None:
+                self.on_end(loop_id)  # may disarm, and may raise into the cell
+                if not self.armed:
+                    return None
+        return self._on_line

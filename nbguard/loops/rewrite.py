@@ -1,0 +1,217 @@
+"""Rewrite a cell's own loops so that the end of each iteration can become a safe point.
+
+Every ``for`` and ``while`` statement of the cell's module-level code (not those inside a def, a
+lambda, a class body or a comprehension) becomes::
+
+    if __nbguard__.enter(ID):                    # birth of the iterable; False = skip the loop
+        for TARGET in __nbguard__.loop(ID, ITER):  # the real iterator, position readable
+            BODY
+        else:
+            ORELSE
+
+and ``while COND: BODY`` becomes a ``for`` over a runtime counter, so both kinds end an iteration
+at a ``FOR_ITER`` instruction and the runtime can find that moment from the bytecode offset::
+
+    if __nbguard__.enter(ID):
+        for [] in __nbguard__.loop(ID, None):
+            if not COND:
+                break                     # with an else clause: __nbguard__.stop(ID); continue
+            BODY
+
+No Python code runs per iteration of a ``for`` loop; a ``while`` loop pays one ``FOR_ITER`` over
+``itertools.repeat``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dis
+import hashlib
+from dataclasses import dataclass, field
+from types import CodeType
+from typing import Literal, NamedTuple
+
+RESERVED_NAME = "__nbguard__"
+
+# Callables that transform or inspect the items of the iterable they are given: a DataLoader reached
+# through one of them must yield real batches while a resumed loop skips, never placeholders.
+_TRANSFORMING = frozenset({
+    "map", "filter", "sorted", "reversed", "sum", "min", "max", "any", "all", "dict", "set", "frozenset",
+    "starmap", "filterfalse", "takewhile", "dropwhile", "accumulate", "groupby", "pairwise", "batched",
+    "compress", "product", "permutations", "combinations", "combinations_with_replacement",
+})
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+class LoopInfo(NamedTuple):
+    """One loop of the cell. ``id`` is its pre-order number, ``depth`` how many cell loops enclose
+    it, ``parent`` the id of the innermost of those (None at the top level)."""
+
+    id: int
+    kind: Literal["for", "while"]
+    lineno: int
+    depth: int
+    parent: int | None
+
+
+@dataclass(frozen=True)
+class LoopMeta:
+    """What the runtime needs beyond ``LoopInfo``."""
+
+    header: tuple[int, int]  # first and last line of the loop header (where its iterable is built)
+    has_else: bool
+    placeholders_ok: bool  # a DataLoader reached only through pass-through wrappers may skip without loading
+    else_loops: tuple[int, int] | None  # id range [first, last] of the loops inside the else clause
+
+
+@dataclass(frozen=True)
+class InstrumentedCell:
+    """A parsed and rewritten cell: ``exec(cell.code, namespace)`` with ``namespace[RESERVED_NAME]``
+    bound to a ``LoopRuntime`` built for it."""
+
+    source: str
+    filename: str
+    tree: ast.Module
+    code: CodeType
+    loops: list[LoopInfo]
+    fingerprint: str
+    meta: list[LoopMeta] = field(repr=False)
+    iteration_ends: dict[int, int] = field(repr=False)  # bytecode offset of a loop's FOR_ITER -> loop id
+
+
+def fingerprint(source: str) -> str:
+    """A stable hash of what the cell does: comments, blank lines and formatting do not count."""
+    return hashlib.sha256(ast.dump(ast.parse(source)).encode()).hexdigest()[:32]
+
+
+def instrument_cell(source: str, filename: str = "<cell>", flags: int = 0) -> InstrumentedCell:
+    """Parse ``source`` and rewrite its loops; raises ``SyntaxError`` like ``compile``.
+
+    ``flags`` are passed to ``compile`` (e.g. ``ast.PyCF_ALLOW_TOP_LEVEL_AWAIT``); the cell never
+    inherits the ``__future__`` imports of this module.
+    """
+    tree = ast.parse(source, filename)
+    digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:32]
+    rewriter = _Rewriter()
+    tree.body = rewriter.block(tree.body, 0, None)
+    ast.fix_missing_locations(tree)
+    code = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+    return InstrumentedCell(source, filename, tree, code, rewriter.loops, digest, rewriter.meta,
+                            _iteration_ends(code, rewriter.locations))
+
+
+class _Rewriter:
+    def __init__(self) -> None:
+        self.loops: list[LoopInfo] = []
+        self.meta: list[LoopMeta] = []
+        self.locations: dict[tuple[int, int], int] = {}  # (line, column) of a generated For or its iterable
+
+    def block(self, body: list[ast.stmt], depth: int, parent: int | None) -> list[ast.stmt]:
+        return [self.statement(node, depth, parent) for node in body]
+
+    def statement(self, node: ast.stmt, depth: int, parent: int | None) -> ast.stmt:
+        if isinstance(node, (ast.For, ast.While)):
+            return self.loop(node, depth, parent)
+        if isinstance(node, (*_SCOPES, ast.AsyncFor)):
+            return node  # other scopes; async for is not instrumented (nor the loops inside it)
+        for name in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(node, name, None), list):
+                setattr(node, name, self.block(getattr(node, name), depth, parent))
+        for handler in getattr(node, "handlers", ()):
+            handler.body = self.block(handler.body, depth, parent)
+        for case in getattr(node, "cases", ()):
+            case.body = self.block(case.body, depth, parent)
+        return node
+
+    def loop(self, node: ast.For | ast.While, depth: int, parent: int | None) -> ast.stmt:
+        loop_id = len(self.loops)
+        kind: Literal["for", "while"] = "for" if isinstance(node, ast.For) else "while"
+        self.loops.append(LoopInfo(loop_id, kind, node.lineno, depth, parent))
+        self.meta.append(None)  # type: ignore[arg-type]  # filled below, after the body got its ids
+        body = self.block(node.body, depth + 1, loop_id)
+        first_else = len(self.loops)
+        orelse = self.block(node.orelse, depth, parent)
+        else_loops = (first_else, len(self.loops) - 1) if len(self.loops) > first_else else None
+
+        if isinstance(node, ast.For):
+            header_end = node.iter.end_lineno or node.lineno
+            call = _runtime_call("loop", [ast.Constant(loop_id), node.iter], node.iter)
+            new: ast.For = ast.For(target=node.target, iter=call, body=body, orelse=orelse,
+                                   type_comment=node.type_comment)
+            placeholders_ok = _passes_items_through(node.iter)
+        else:
+            header_end = node.test.end_lineno or node.lineno
+            call = _runtime_call("loop", [ast.Constant(loop_id), ast.Constant(None)], node.test)
+            if orelse:  # the else clause must run when COND is false: end the counter, not break
+                leave: list[ast.stmt] = [ast.Expr(_runtime_call("stop", [ast.Constant(loop_id)], node.test)),
+                                         ast.Continue()]
+            else:
+                leave = [ast.Break()]
+            check = ast.If(test=ast.UnaryOp(ast.Not(), node.test), body=leave, orelse=[])
+            _locate(check, node.test)
+            new = ast.For(target=ast.List(elts=[], ctx=ast.Store()), iter=call, body=[check, *body],
+                          orelse=orelse, type_comment=None)
+            placeholders_ok = False
+        _locate(new, node)
+        self.locations[(new.lineno, new.col_offset)] = loop_id
+        self.locations[(call.lineno, call.col_offset)] = loop_id
+        self.meta[loop_id] = LoopMeta((node.lineno, header_end), bool(node.orelse), placeholders_ok, else_loops)
+
+        guard = ast.If(test=_runtime_call("enter", [ast.Constant(loop_id)], node), body=[new], orelse=[])
+        if else_loops is not None:
+            # A loop skipped on resume still runs its else clause when the resume point lies inside it.
+            again = ast.If(test=_runtime_call("skipped_else", [ast.Constant(loop_id)], node),
+                           body=copy.deepcopy(orelse), orelse=[])
+            _locate(again, node)
+            guard.orelse = [again]
+        _locate(guard, node)
+        return guard
+
+
+def _runtime_call(method: str, args: list[ast.expr], where: ast.AST) -> ast.Call:
+    func = ast.Attribute(value=ast.Name(RESERVED_NAME, ast.Load()), attr=method, ctx=ast.Load())
+    call = ast.Call(func=func, args=args, keywords=[])
+    for node in (call, func, func.value, *(a for a in args if isinstance(a, ast.Constant))):
+        _locate(node, where)
+    return call
+
+
+def _locate(node: ast.AST, where: ast.AST) -> None:
+    ast.copy_location(node, where)
+    node.end_lineno = getattr(where, "end_lineno", None) or node.lineno  # type: ignore[attr-defined]
+    node.end_col_offset = getattr(where, "end_col_offset", None) or 0  # type: ignore[attr-defined]
+
+
+def _passes_items_through(expr: ast.expr) -> bool:
+    for node in ast.walk(expr):
+        if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp, ast.Lambda)):
+            return False
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            if name in _TRANSFORMING:
+                return False
+    return True
+
+
+def _iteration_ends(code: CodeType, locations: dict[tuple[int, int], int]) -> dict[int, int]:
+    """Offsets where a loop's iteration ends: its FOR_ITER (3.11/3.12 give it the location of the
+    ``for`` statement, 3.13 that of the iterable) and the EXTENDED_ARGs a backward jump lands on."""
+    ends: dict[int, int] = {}
+    prefix: list[int] = []
+    by_line = {line: loop_id for (line, _), loop_id in locations.items()}  # 3.10 has no columns
+    line = None
+    for ins in dis.get_instructions(code):
+        line = ins.starts_line or line
+        if ins.opname == "EXTENDED_ARG":
+            prefix.append(ins.offset)
+            continue
+        if ins.opname == "FOR_ITER":
+            where = getattr(ins, "positions", None)
+            loop_id = locations.get((where.lineno, where.col_offset)) if where else by_line.get(line)
+            if loop_id is not None:  # inlined comprehensions (3.12+) have FOR_ITERs of their own
+                for offset in (*prefix, ins.offset):
+                    ends[offset] = loop_id
+        prefix = []
+    return ends
