@@ -1,0 +1,81 @@
+"""A real Jupyter kernel for end-to-end tests: run cells, watch output, SIGKILL it, start again."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from jupyter_client import KernelManager
+
+
+class Kernel:
+    """One ipykernel process running this venv's Python."""
+
+    def __init__(self, cwd: str, env: dict[str, str] | None = None):
+        self.cwd = cwd
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.km: KernelManager | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.kernel_spec.argv[0] = sys.executable
+        self.km.start_kernel(cwd=self.cwd, env=self.env)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, *, timeout: float = 180, until: Callable[[str], bool] | None = None) -> tuple[str, str | None]:
+        """Execute ``code``; returns (all text output, error name or None). With ``until``, returns as
+        soon as the output so far satisfies it, leaving the cell running."""
+        msg_id = self.kc.execute(code)
+        text, error = [], None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"cell did not finish in {timeout} s; output so far:\n{''.join(text)}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                text.append(content["text"])
+            elif kind in ("execute_result", "display_data"):
+                text.append(content["data"].get("text/plain", "") + "\n")
+            elif kind == "error":
+                error = content["ename"]
+                text.append("\n".join(content["traceback"]))
+            elif kind == "status" and content["execution_state"] == "idle":
+                return "".join(text), error
+            if until is not None and until("".join(text)):
+                return "".join(text), None
+
+    def kill(self) -> None:
+        """SIGKILL the kernel process: what a VM loss or a forced restart does."""
+        assert self.km is not None
+        os.kill(self.km.provisioner.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """A fresh kernel process, as after reconnecting."""
+        self.shutdown()
+        self.start()
+
+    def shutdown(self) -> None:
+        if self.km is None:
+            return
+        try:
+            self.kc.stop_channels()
+        finally:
+            if self.km.is_alive():
+                self.km.shutdown_kernel(now=True)
+            else:
+                self.km.cleanup_resources()
+            self.km = None

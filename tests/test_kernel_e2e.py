@@ -1,0 +1,142 @@
+"""The guarantee, end to end: a real kernel SIGKILLed at a random moment of a %%checkpointed cell,
+started again and re-run, ends bitwise identical to an uninterrupted run of the cell without nbguard."""
+
+from __future__ import annotations
+
+import random
+import re
+import textwrap
+import time
+
+import pytest
+
+from tests.kernel_harness import Kernel
+
+pytestmark = pytest.mark.e2e
+
+SETUP = textwrap.dedent("""
+    import random, time, numpy as np, torch
+    from torch import nn
+    from tqdm.auto import tqdm, trange
+    torch.manual_seed(0); random.seed(0); np.random.seed(0); torch.set_num_threads(1)
+    X = torch.randn(128, 8); Y = (X[:, 0] + X[:, 1] > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=16, shuffle=True,
+                                         num_workers=WORKERS, persistent_workers=False)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    history, total = [], 0.0
+    def train_step(x, y):
+        loss = nn.functional.cross_entropy(model(x), y) + 0.001 * random.random()
+        opt.zero_grad(); loss.backward(); opt.step()
+        time.sleep(0.03)
+        return loss.item()
+""")
+
+LOOPS = {
+    "nested-enumerate": """
+        for epoch in range(5):
+            running = 0.0
+            for i, (x, y) in enumerate(loader):
+                running += train_step(x, y)
+                total += 1
+            sched.step()
+            history.append(running)
+            print("epoch", epoch, flush=True)
+    """,
+    "tqdm-break-continue": """
+        for epoch in trange(5):
+            running = 0.0
+            for i, (x, y) in enumerate(tqdm(loader, leave=False)):
+                if i == 2:
+                    continue
+                if i == 6:
+                    break
+                running += train_step(x, y)
+                total += float(np.random.rand())
+            sched.step()
+            history.append(running)
+            print("epoch", epoch, flush=True)
+    """,
+    "while-steps": """
+        step, max_steps = 0, 36
+        while step < max_steps:
+            for x, y in loader:
+                history.append(train_step(x, y))
+                step += 1
+                if step % 8 == 0:
+                    sched.step(); print("epoch", step // 8, flush=True)
+                if step >= max_steps:
+                    break
+    """,
+}
+
+DIGEST = textwrap.dedent("""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode()); h.update(v.numpy().tobytes())
+    for s in opt.state_dict()["state"].values():
+        for k, v in sorted(s.items()):
+            h.update(v.numpy().tobytes())
+    h.update(repr(sched.state_dict()).encode()); h.update(repr(history).encode()); h.update(repr(total).encode())
+    print("DIGEST", h.hexdigest())
+""")
+
+
+def _digest(output: str) -> str:
+    match = re.search(r"DIGEST (\w+)", output)
+    assert match, output
+    return match.group(1)
+
+
+@pytest.mark.parametrize(("form", "workers"), [(form, 0) for form in sorted(LOOPS)] + [("nested-enumerate", 2)])
+def test_killed_kernel_resumes_bitwise(tmp_path, form, workers):
+    setup = SETUP.replace("WORKERS", str(workers))
+    loop = textwrap.dedent(LOOPS[form])
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run(setup)
+        kernel.run(loop)
+        expected = _digest(kernel.run(DIGEST)[0])
+
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        rng = random.Random(f"{form}-{workers}")
+        kernel.run("%%checkpointed --every 0.3s\n" + loop, until=lambda out: "epoch 1" in out)
+        time.sleep(rng.uniform(0.0, 0.6))
+        kernel.kill()
+
+        kernel.restart()
+        out, error = kernel.run("%load_ext nbguard")
+        assert error is None and "snapshot" in out
+        kernel.run(setup)
+        out, error = kernel.run("%%checkpointed --every 0.3s\n" + loop)
+        assert error is None, out
+        assert "resumed from snapshot" in out, out
+        assert _digest(kernel.run(DIGEST)[0]) == expected
+    finally:
+        kernel.shutdown()
+
+
+def test_interrupt_saves_then_stops_and_rerun_continues(tmp_path):
+    setup = SETUP.replace("WORKERS", "0")
+    loop = textwrap.dedent(LOOPS["nested-enumerate"])
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run(setup)
+        kernel.run(loop)
+        expected = _digest(kernel.run(DIGEST)[0])
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        kernel.run("%%checkpointed --every 1h\n" + loop, until=lambda out: "epoch 1" in out)
+        kernel.km.interrupt_kernel()
+        out, error = kernel.run("print('after')")
+        # The interrupted cell's own output ended before 'after' ran.
+        out, error = kernel.run("%%checkpointed --every 1h\n" + loop)
+        assert "resumed from snapshot" in out, out
+        assert _digest(kernel.run(DIGEST)[0]) == expected
+    finally:
+        kernel.shutdown()
