@@ -75,7 +75,7 @@ def unload_ipython_extension(ipython) -> None:  # noqa: ANN001
 
 
 def panel(*args, **kwargs):
-    """The snapshot panel (an ipywidgets widget); see ``nbguard.panel.Panel``."""
-    from .panel import open_panel
+    """The snapshot panel (an ipywidgets widget); see ``nbguard.ui.Panel``."""
+    from .ui import open_panel
 
     return open_panel(*args, **kwargs)

@@ -33,6 +33,13 @@ from .store import Store, open_store
 from .weights import write_safetensors
 
 Listener = Callable[[str, SnapshotInfo | None], None]
+_LISTENERS: dict[str, list[Listener]] = {}
+_LISTENERS_LOCK = threading.Lock()
+
+
+def _listeners_of(url: str) -> list[Listener]:
+    with _LISTENERS_LOCK:
+        return _LISTENERS.setdefault(url, [])
 GRACE_SECONDS = 3600.0
 
 
@@ -78,7 +85,9 @@ class Catalog:
         self.store = open_store(store)
         self._cache: dict[str, tuple[int, dict[str, Any]]] = {}
         self._lock = threading.RLock()
-        self._listeners: list[Listener] = []
+        # Listeners are shared by every Catalog of the same store in this process, so a panel
+        # opened on a folder hears the saves of a Guard that writes there.
+        self._listeners = _listeners_of(self.store.url)
         self.problems: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -120,6 +129,8 @@ class Catalog:
         """Snapshots newest first (of one run, or of every run). Damaged manifests are left out
         and described in ``problems``."""
         infos = []
+        if run is None:
+            self.problems = {}
         for name in [run] if run else self.runs():
             pinned = {f.path.rsplit("/", 1)[-1] for f in self.store.list(f"runs/{name}/pins")}
             for f in self.store.list(f"runs/{name}/snapshots"):
@@ -317,8 +328,8 @@ class Catalog:
             if torch.equal(x, y):
                 unchanged.append(key)
                 continue
-            diff = (x.double() - y.double()) if x.is_floating_point() or x.is_complex() else (x.long() - y.long()).double()
-            norm = float(x.double().norm()) if x.is_floating_point() else float(x.double().norm())
+            diff = x.double() - y.double()
+            norm = float(x.double().norm())
             changed.append((key, float(diff.abs().max()), float(diff.norm()) / norm if norm else math.inf))
         return Comparison(first.info, second.info, metrics, changed, unchanged,
                           sorted(k for k in keys_a - keys_b if not k.startswith("rng/")),

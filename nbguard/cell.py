@@ -59,6 +59,7 @@ class CheckpointedCell:
         self._timer_pending = False
         self._said_captured = False
         self._done = threading.Event()
+        self.finished = False
 
     # -- state -------------------------------------------------------------------------------
     def _discover(self) -> Discovery:
@@ -144,7 +145,7 @@ class CheckpointedCell:
         """A final snapshot when the guarded objects changed since the last one (used at shutdown)."""
         if self.guard.last_saved is None or not self.guard.changed_since_last(self.state()):
             return False
-        self.save(None, tags=(reason,), wait=True)
+        self.save(None, completed=self.finished, tags=(reason,), wait=True)
         return True
 
     # -- resume --------------------------------------------------------------------------------
@@ -256,6 +257,7 @@ class CheckpointedCell:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
             self.save(None, completed=True, tags=("final",), wait=True)
+            self.finished = True
         except StopAfterSave:
             raise
         except KeyboardInterrupt:

@@ -194,11 +194,11 @@ class Guard:
         self.last_error = None
         self.last_saved = info
         self.last_stats = replace(stats, written_bytes=written, durable_after=time.perf_counter() - started)
-        self.catalog.notify("saved", info)
         try:
             self.catalog.apply_retention(self.run, self.policy)
         except NbguardError as exc:
             self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
+        self.catalog.notify("saved", info)
         return info
 
     def _write_blob(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], int]:

@@ -183,7 +183,7 @@ class NbguardMagics(Magics):
               + (f", folder {options.dir}" if options.dir else ""))
 
     def _cmd_panel(self, rest: list[str]) -> Any:
-        from .panel import open_panel
+        from .ui import open_panel
 
         return open_panel(rest[0] if rest else self.session.default_dir, namespace=self.shell.user_ns,
                           guard=self.session.active_guard(), place_text=self.session.place_text,

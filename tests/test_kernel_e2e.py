@@ -140,3 +140,64 @@ def test_interrupt_saves_then_stops_and_rerun_continues(tmp_path):
         assert _digest(kernel.run(DIGEST)[0]) == expected
     finally:
         kernel.shutdown()
+
+
+def test_sigterm_saves_at_the_next_safe_point_then_exits(tmp_path):
+    import os
+    import signal
+
+    setup = SETUP.replace("WORKERS", "0")
+    loop = textwrap.dedent(LOOPS["nested-enumerate"])
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run(setup)
+        kernel.run(loop)
+        expected = _digest(kernel.run(DIGEST)[0])
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        kernel.run("%%checkpointed --every 1h\n" + loop, until=lambda out: "epoch 1" in out)
+        os.kill(kernel.km.provisioner.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while kernel.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not kernel.km.is_alive()
+        import nbguard
+
+        newest = nbguard.Catalog(str(tmp_path / "snaps")).snapshots()[0]
+        assert "interrupted" in newest.tags and newest.position.get("epoch", 0) >= 1
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        out, error = kernel.run("%%checkpointed --every 1h\n" + loop)
+        assert "resumed from snapshot" in out, out
+        assert _digest(kernel.run(DIGEST)[0]) == expected
+    finally:
+        kernel.shutdown()
+
+
+def test_shutdown_while_idle_saves_changes_made_outside_the_cell(tmp_path):
+    setup = SETUP.replace("WORKERS", "0")
+    loop = textwrap.dedent(LOOPS["nested-enumerate"])
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        kernel.run("%%checkpointed --every 1h\n" + loop)
+        kernel.run("for x, y in loader:\n    train_step(x, y)")  # more training, unguarded
+        expected = _digest(kernel.run(DIGEST)[0])
+        kernel.km.shutdown_kernel(now=False)  # a graceful shutdown or restart: atexit runs
+        kernel.km = None
+        import nbguard
+
+        catalog = nbguard.Catalog(str(tmp_path / "snaps"))
+        newest = catalog.snapshots()[0]
+        assert "shutdown" in newest.tags
+        kernel.start()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        out, _ = kernel.run("%%checkpointed --every 1h\n" + loop)
+        assert "already finished" in out, out
+        assert _digest(kernel.run(DIGEST)[0]) == expected
+    finally:
+        kernel.shutdown()
