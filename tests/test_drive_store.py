@@ -354,14 +354,19 @@ def test_root_and_folder_id_urls(emulator, tmp_path):
     assert any(f["title"] == looks_like_id for f in emulator.files())
 
 
-def test_open_store_routes_gdrive_urls(emulator, monkeypatch):
+def test_open_store_routes_gdrive_urls_through_local_staging(emulator, monkeypatch, tmp_path):
     import json
 
+    from nbguard.replica import ReplicatedStore
     from nbguard.store import open_store
 
     monkeypatch.setenv("NBGUARD_DRIVE_CREDENTIALS", json.dumps(emulator.authorized_user_info()))
     monkeypatch.setenv("NBGUARD_DRIVE_API_ROOT", emulator.url)
+    monkeypatch.setenv("NBGUARD_STAGING", str(tmp_path / "staging"))
     store = open_store("gdrive://nbguard/via-open-store")
-    assert isinstance(store, DriveStore)
+    assert isinstance(store, ReplicatedStore) and isinstance(store.remote, DriveStore)
     store.write("a", [b"ok"])
     assert store.read("a") == b"ok"
+    assert store.flush(30) and store.state("a") == "verified"
+    assert store.remote.read("a") == b"ok"
+    store.close(5)
