@@ -60,6 +60,7 @@ class CheckpointedCell:
         self._said_captured = False
         self._done = threading.Event()
         self.finished = False
+        self._generator_cache: dict[str, torch.Generator] | None = None
 
     # -- state -------------------------------------------------------------------------------
     def _discover(self) -> Discovery:
@@ -106,7 +107,8 @@ class CheckpointedCell:
         if not self._said_captured and self.discovery is not None:
             self._said_captured = True
             self.report(self.discovery.describe())
-        loops = [[p.loop_id, p.completed, p.birth] for p in positions or []]
+        loops = [[p.loop_id, p.completed, p.birth, list(p.reused) if p.reused is not None else None]
+                 for p in positions or []]
         position: dict[str, Any] = {self.labels.get(p.loop_id, f"loop{p.loop_id}"): p.completed
                                     for p in positions or []}
         if completed:
@@ -148,6 +150,26 @@ class CheckpointedCell:
         self.save(None, completed=self.finished, tags=(reason,), wait=True)
         return True
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        # Looked up once per cell run, when the first loop starts (loaders exist by then).
+        if self._generator_cache is None:
+            objects = self._discover().objects
+            self._generator_cache = {n: g for n, g in objects.items() if isinstance(g, torch.Generator)}
+        return self._generator_cache
+
+    def _capture_birth(self) -> dict[str, Any]:
+        """The RNG states a loop's iterable may draw from as it is created (a shuffling sampler)."""
+        return {"rng": rng.capture(), "generators": {n: g.get_state() for n, g in self._generators().items()}}
+
+    def _apply_birth(self, birth: Any) -> None:
+        if not birth:
+            return
+        rng.restore(birth["rng"])
+        generators = self._generators()
+        for name, state in birth["generators"].items():
+            if name in generators:
+                generators[name].set_state(state)
+
     # -- resume --------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
         catalog = self.guard.catalog
@@ -176,7 +198,8 @@ class CheckpointedCell:
         extra = _extra(snapshot)
         if extra.get("completed"):
             return ResumePlan(completed=True)
-        positions = [LoopPosition(int(loop_id), int(done), birth) for loop_id, done, birth in extra.get("loops", [])]
+        positions = [LoopPosition(int(loop[0]), int(loop[1]), loop[2], tuple(loop[3]) if loop[3] is not None else None)
+                     for loop in extra.get("loops", [])]
         return ResumePlan(positions=positions)
 
     def _restore(self, snapshot: Snapshot) -> None:
@@ -242,8 +265,8 @@ class CheckpointedCell:
         self.runtime = LoopRuntime(
             self.cell,
             on_safe_point=self._on_safe_point,
-            capture_birth=rng.capture,
-            apply_birth=_apply_birth,
+            capture_birth=self._capture_birth,
+            apply_birth=self._apply_birth,
             resume=plan,
             on_resume=(lambda: self._restore(snapshot)) if snapshot is not None else None,
             every_iter=self.options.every_iter,
@@ -288,11 +311,6 @@ def _current_exception() -> BaseException | None:
     import sys
 
     return sys.exc_info()[1]
-
-
-def _apply_birth(birth: Any) -> None:
-    if birth:
-        rng.restore(birth)
 
 
 def _extra(snapshot: Snapshot) -> dict[str, Any]:

@@ -71,7 +71,8 @@ class NbguardMagics(Magics):
         try:
             options = self._options(args)
             run = options.name or self._run_name(cell)
-            guarded = CheckpointedCell(cell, self.shell.user_ns, options, self.session, run=run,
+            source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
+            guarded = CheckpointedCell(source, self.shell.user_ns, options, self.session, run=run,
                                        filename=self._filename())
         except (NbguardError, SyntaxError) as exc:
             print(f"nbguard: {exc}")

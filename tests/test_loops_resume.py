@@ -330,3 +330,30 @@ def test_completed_plan_skips_every_loop_and_restores_once() -> None:
 def test_num_workers_flag_is_off_without_workers() -> None:
     _, runtime = check_resume(NESTED_ENUMERATE.replace("WORKERS", "0"), "mid-epoch")
     assert not runtime.resumed_with_workers and runtime.resume_warnings == []
+
+
+@pytest.mark.parametrize(("loader", "per_batch"), [
+    ("DataLoader(data, batch_size=3)", 3),
+    ("DataLoader(data, batch_size=3, shuffle=True, drop_last=True, generator=g)", 3),
+    ("DataLoader(data, batch_size=None, shuffle=True)", 1),
+    ("DataLoader(data, batch_sampler=torch.utils.data.BatchSampler("
+     "torch.utils.data.RandomSampler(data, replacement=True, num_samples=30, generator=g), 4, drop_last=False))", 4),
+])
+def test_samplers_skip_the_same_indices_without_loading(loader: str, per_batch: int) -> None:
+    source = f'''
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(5)  # births must hold every generator a loader or sampler uses
+data = Points(30, noisy=False)
+loader = {loader}
+seen = []
+for epoch in range(2):
+    for i, (x, y) in enumerate(loader):
+        seen.append(x.sum().item())
+'''
+    expected = run_plain(source)
+    batches = len(expected["loader"])
+    _, _, taken, _ = run_guarded(source, stop_at=batches + 1 + 2)  # after 3 batches of epoch 1
+    resumed, _, _, _ = run_guarded(source, plan=ResumePlan(taken["positions"]), snapshot=taken)
+    assert resumed["seen"] == expected["seen"]
+    loaded = resumed["loader"].dataset.hits.sum().item()
+    assert 0 < loaded <= (batches - 3) * per_batch  # only what came after the resume point

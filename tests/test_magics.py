@@ -173,3 +173,25 @@ def test_load_twice_is_harmless_and_unload_removes_magics(shell):
     shell.run_line_magic("unload_ext", "nbguard")
     assert "checkpointed" not in shell.magics_manager.magics["cell"]
     shell.run_line_magic("load_ext", "nbguard")
+
+
+def test_loader_with_its_own_generator_resumes_exactly(shell):
+    setup = SETUP.replace("shuffle=True)", "shuffle=True, generator=torch.Generator().manual_seed(7))")
+    ns: dict = {}
+    exec(setup, ns)
+    exec(TRAIN, ns)
+    expected = {"weights": {k: v.clone() for k, v in ns["model"].state_dict().items()},
+                "opt": ns["opt"].state_dict(), "history": list(ns["history"]), "total": ns["total"]}
+    run(shell, setup)
+    shell.user_ns["crash_at"] = (2, 3)
+    run(shell, "%%checkpointed --every-iter 1\n" + TRAIN)
+    shell.user_ns.clear()
+    run(shell, setup)
+    assert run(shell, "%%checkpointed --every-iter 1\n" + TRAIN).success
+    same(shell, expected)
+
+
+def test_ipython_syntax_inside_the_cell_works(shell, capsys):
+    run(shell, SETUP)
+    result = run(shell, "%%checkpointed\nfor epoch in range(2):\n    %time history.append(epoch)\n")
+    assert result.success and shell.user_ns["history"] == [0, 1]

@@ -23,8 +23,13 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, Protocol
 
-# A signal that is unused in notebooks; interrupt_main() only simulates it (nothing is sent).
-ARM_SIGNAL: int | None = getattr(signal, "SIGUSR2", None) or getattr(signal, "SIGBREAK", None)
+# Signals nothing in a notebook uses, in order of preference: a real-time one where there are
+# some (SIGUSR2 serves faulthandler.register now and then). interrupt_main() only simulates the
+# signal: nothing is sent to the process. One whose handler was set from C is passed over.
+_RT = signal.SIGRTMAX - 1 if hasattr(signal, "SIGRTMAX") else None
+ARM_SIGNALS: tuple[int, ...] = tuple(s for s in (_RT, getattr(signal, "SIGUSR2", None), getattr(signal, "SIGBREAK", None))
+                                     if s)
+ARM_SIGNAL: int | None = ARM_SIGNALS[0] if ARM_SIGNALS else None
 _TOOL_IDS = (4, 3)  # sys.monitoring ids that no standard tool claims (0-2 and 5 are named)
 
 OnIterationEnd = Callable[[int], None]
@@ -120,8 +125,9 @@ if hasattr(os, "register_at_fork"):
 class TraceArming:
     """sys.settrace on the cell's frame, switched on in the main thread through a spare signal."""
 
-    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd, signum: int | None = ARM_SIGNAL):
-        self.code, self.ends, self.on_end, self.signum = code, ends, on_end, signum
+    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd):
+        self.code, self.ends, self.on_end = code, ends, on_end
+        self.signum: int | None = None
         self.armed = False
         self._thread = threading.get_ident()
         self._handler_installed = False
@@ -139,13 +145,17 @@ class TraceArming:
 
     def install(self) -> None:
         self._thread = threading.get_ident()
-        if self.signum is None or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
-        try:
-            self._previous_handler = signal.signal(self.signum, self._on_signal)
-        except (ValueError, OSError):
+        for signum in ARM_SIGNALS:
+            try:
+                if signal.getsignal(signum) is None:
+                    continue
+                self._previous_handler = signal.signal(signum, self._on_signal)
+            except (ValueError, OSError):
+                continue
+            self.signum, self._handler_installed = signum, True
             return
-        self._handler_installed = True
 
     def uninstall(self) -> None:
         with self._lock:

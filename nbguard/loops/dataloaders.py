@@ -148,7 +148,9 @@ class LoaderPatch:
         activation.reused.append(reused_then)
 
         remaining = activation.skip - activation.skipped if activation.skipping else 0
-        placeholders = remaining > 0 and passthrough and loader._dataset_kind != self.iterable_kind
+        key = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+        placeholders = (remaining > 0 and passthrough and loader._dataset_kind != self.iterable_kind
+                        and key in loader.__dict__)
         fresh_for_reused = reused_then and not reused_now
         if reused_now and not reused_then:
             # The original run built a new iterator here, which drew a base seed: draw it too.
@@ -158,14 +160,15 @@ class LoaderPatch:
 
         before = self._rewind_seed_draw(loader) if fresh_for_reused else None
         skipper = SkipSampler(loader._index_sampler, remaining if placeholders else 0, before)
-        real = self._build(loader, skipper)
+        real = self._build(loader, key, skipper)
         if loader.num_workers > 0:
             self.runtime._note_workers(activation, loader, placeholders)
         return Resumed(real, skipper, activation) if placeholders else real
 
-    def _build(self, loader: Any, skipper: SkipSampler) -> Any:
+    def _build(self, loader: Any, key: str, skipper: SkipSampler) -> Any:
         """``iter(loader)`` with ``skipper`` as its index sampler for this one iteration."""
-        key = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+        if key not in loader.__dict__:  # a subclass that computes its sampler: leave it alone
+            return self.original(loader)
         original = loader.__dict__[key]
         existing = loader._iterator if loader.persistent_workers else None
         loader.__dict__[key] = skipper  # bypasses DataLoader.__setattr__, which forbids it after __init__

@@ -185,7 +185,7 @@ def _locate(node: ast.AST, where: ast.AST) -> None:
 
 def _passes_items_through(expr: ast.expr) -> bool:
     for node in ast.walk(expr):
-        if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp, ast.Lambda)):
+        if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp)):
             return False
         if isinstance(node, ast.Call):
             func = node.func

@@ -12,58 +12,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..errors import RestoreError, UsageError
 from . import iterators
 from .arming import make_arming
 from .dataloaders import MODULE as DATALOADER_MODULE
 from .dataloaders import LoaderPatch
+from .positions import LoopPosition, ResumePlan, SafePoint, check_plan
 from .rewrite import RESERVED_NAME, InstrumentedCell, LoopInfo, LoopMeta
 
 
-class LoopPosition(NamedTuple):
-    """Where one active loop stood: ``completed`` iterations of its current activation were done;
-    ``birth`` is what ``capture_birth`` returned when that activation's iterable was created;
-    ``reused`` tells, per DataLoader the iterable iterated, whether that reused persistent workers
-    (store it with the rest; None when unknown)."""
-
-    loop_id: int
-    completed: int
-    birth: Any = None
-    reused: tuple[bool, ...] | None = None
-
-
-@dataclass(frozen=True)
-class SafePoint:
-    """Why the callback runs (``'timer'``, ``'interrupt'``, ``'every-iter'``...) and the active
-    loops, outermost first; the last one has just completed an iteration."""
-
-    reasons: set[str]
-    positions: list[LoopPosition]
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """Where to resume: the positions of a safe point, or ``completed=True`` for a run that ended."""
-
-    positions: Sequence[LoopPosition] = ()
-    completed: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.positions and not self.completed:
-            raise UsageError("a ResumePlan needs the positions of a safe point, or completed=True")
-        positions = [p if isinstance(p, LoopPosition) else LoopPosition(*p) for p in self.positions]
-        positions = [p._replace(loop_id=int(p.loop_id), completed=int(p.completed),
-                                reused=None if p.reused is None else tuple(bool(r) for r in p.reused))
-                     for p in positions]
-        object.__setattr__(self, "positions", tuple(positions))
-
-
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Activation:
     """One activation of a loop: from ``enter`` until the loop is left."""
 
@@ -122,6 +85,8 @@ class LoopRuntime:
         self._on_resume = on_resume
         self._every = every_iter
         self._plan = resume
+        if resume is not None:
+            check_plan(resume, cell.loops)
         self._path = 0  # how many loops of the resume path were entered
         self._stack: list[_Activation] = []  # index = depth; deeper entries may be stale
         self._window: _Activation | None = None  # the loop whose iterable is being built
@@ -129,6 +94,10 @@ class LoopRuntime:
         self._running = False
         self._firing = False
         self._arming = make_arming(cell.code, cell.iteration_ends, self._iteration_end)
+        # Where the cell's frame stands while a loop fetches its next item: 3.12+ may report the
+        # FOR_ITER's inline cache entry instead of the instruction.
+        steps = (0, 2) if sys.version_info >= (3, 12) else (0,)
+        self._fetching = {offset + step: loop_id for offset, loop_id in cell.iteration_ends.items() for step in steps}
         self._loader_patch: LoaderPatch | None = None
         self.resumed = False
         self.safe_points = 0
@@ -163,7 +132,7 @@ class LoopRuntime:
     def execute(self, namespace: MutableMapping[str, Any]) -> None:
         """``exec`` the cell in ``namespace`` (inside ``active()``), binding the reserved name."""
         namespace[RESERVED_NAME] = self
-        exec(self.cell.code, namespace)  # noqa: S102
+        exec(self.cell.code, namespace)
 
     def request_safe_point(self, reason: str = "request") -> None:
         """Ask for ``on_safe_point`` at the next iteration end. Thread-safe, signal-safe, cheap;
@@ -177,7 +146,7 @@ class LoopRuntime:
     @property
     def pending(self) -> set[str]:
         """Reasons requested and not served yet."""
-        return set(self._reasons)
+        return set(self._reasons.copy())
 
     # -- called by the rewritten cell ----------------------------------------------------------
     def enter(self, loop_id: int) -> bool:
@@ -369,7 +338,7 @@ class LoopRuntime:
             frame = frame.f_back
         if frame is None:
             return None
-        loop_id = self.cell.iteration_ends.get(frame.f_lasti)
+        loop_id = self._fetching.get(frame.f_lasti)
         activation: _Activation | None = None
         if loop_id is not None:  # the loop fetches an item and its iterable starts the loader lazily
             depth = self._loops[loop_id].depth
