@@ -179,7 +179,7 @@ def _parse_entry(name: str, spec: object, digest: object, data_len: int) -> Entr
     if not isinstance(spec, dict) or not isinstance(digest, str):
         raise CorruptSnapshotError(f"blob entry {name!r} is malformed")
     code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if code not in ITEMSIZE:
+    if not isinstance(code, str) or code not in ITEMSIZE:
         raise CorruptSnapshotError(f"blob entry {name!r} has unknown dtype {code!r}")
     if not (isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and d >= 0 for d in shape)):
         raise CorruptSnapshotError(f"blob entry {name!r} has an invalid shape")

@@ -44,7 +44,7 @@ class Capture:
     def sink_for(self, pending: dict[str, torch.Tensor]):
         def sink(path: str, tensor: torch.Tensor) -> str:
             key, n = path, 1
-            while key in self.tensors or key in pending:
+            while key in self.tensors or key in pending or key == "__metadata__":
                 n += 1
                 key = f"{path}#{n}"
             pending[key] = tensor

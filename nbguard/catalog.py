@@ -139,10 +139,11 @@ class Catalog:
                     continue
                 try:
                     manifest = self.manifest(name, snapshot_id)
+                    info = info_from(manifest, pinned=snapshot_id in pinned, state=self._state(f.path))
                 except NbguardError as exc:
                     self.problems[f.path] = str(exc)
                     continue
-                infos.append(info_from(manifest, pinned=snapshot_id in pinned, state=self._state(f.path)))
+                infos.append(info)
         infos.sort(key=lambda s: (s.created, s.id), reverse=True)
         return infos
 
@@ -192,10 +193,14 @@ class Catalog:
         for info in self.snapshots(run):
             snapshot = Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
             try:
-                snapshot._load(snapshot.storage_keys_of(names or snapshot.names), None)
+                snapshot._load(snapshot.storage_keys_of(names or snapshot.names) + snapshot._rng_storage_keys(True), None)
             except (CorruptSnapshotError, StoreError) as exc:
                 skipped.append(f"snapshot {info.id} is damaged or incomplete ({exc}); using an older one")
                 continue
+            for path, problem in self.problems.items():
+                pid = path.rsplit("/", 1)[-1].removesuffix(".json")
+                if (run is None or f"runs/{run}/" in path) and pid > info.id:
+                    skipped.insert(0, f"snapshot {pid} cannot be read ({problem}); using an older one")
             return snapshot, skipped
         for path, problem in self.problems.items():
             skipped.append(f"{path}: {problem}")

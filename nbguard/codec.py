@@ -42,6 +42,8 @@ def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
     if value is None or type(value) in (bool, str):
         return value
     if type(value) is int:
+        if value.bit_length() > 13000:
+            raise Unstorable(path, "an int of more than 3900 digits cannot be stored in a snapshot")
         return value
     if type(value) is float:
         return value if math.isfinite(value) else {"$float": repr(value)}
@@ -108,6 +110,8 @@ def _ndarray_as_tensor(array: np.ndarray, path: str) -> torch.Tensor:
 
 
 def _encode_numpy_scalar(value: np.generic, path: str) -> dict:
+    if value.dtype.kind in "fc" and value.dtype.itemsize > (8 if value.dtype.kind == "f" else 16):
+        raise Unstorable(path, f"numpy scalars of dtype {value.dtype} are not supported (convert to float64)")
     if value.dtype.kind in "biuf":
         item = value.item()
         if isinstance(item, float) and not math.isfinite(item):
@@ -136,7 +140,7 @@ def decode(tree: Any, source: TensorSource, depth: int = 0) -> Any:
         return _decode_tag(tag, body, source, depth)
     except CorruptSnapshotError:
         raise
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
         raise CorruptSnapshotError(f"malformed {tag} value in snapshot: {exc}") from exc
 
 

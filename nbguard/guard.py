@@ -32,7 +32,7 @@ from .blobfile import blob_chunks, blob_name, blob_path, build_header, hash_byte
 from .capture import capture
 from .catalog import Catalog
 from .codec import encode
-from .errors import NbguardError, StoreError, UsageError
+from .errors import NbguardError, UsageError
 from .escapes import raw_numpy
 from .manifest import (
     FORMAT,
@@ -134,6 +134,7 @@ class Guard:
         with self._lock:
             self._writer.flush()  # at most one save in flight: its buffers are about to be reused
             snapshot_id = new_id()
+            self._staging.drop_missing(self.store)
             captured = capture(state)
             for name, reason in captured.skipped.items():
                 self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
@@ -184,7 +185,7 @@ class Guard:
         except BaseException as exc:
             self._staging.forget(staged.groups)
             self.last_error = exc
-            if isinstance(exc, StoreError):
+            if isinstance(exc, Exception):
                 self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
                                                "save tries again.")
             raise

@@ -12,7 +12,6 @@ Reading a manifest validates every field before anything else looks at it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -130,11 +129,11 @@ def _expect(condition: bool, where: str, what: str) -> None:
 def _validate(m: dict[str, Any], where: str) -> None:
     _expect(isinstance(m.get("id"), str) and is_snapshot_id(m["id"]), where, "invalid snapshot id")
     _expect(isinstance(m.get("run"), str) and bool(_RUN.match(m["run"])), where, "invalid run name")
-    _expect(type(m.get("created")) in (int, float) and math.isfinite(m["created"]), where, "invalid creation time")
+    _expect(type(m.get("created")) in (int, float) and abs(m["created"]) < 1e15, where, "invalid creation time")
     _expect(isinstance(m.get("writer"), str), where, "invalid writer id")
     metrics = m.get("metrics")
     _expect(isinstance(metrics, dict) and all(
-        isinstance(k, str) and type(v) in (int, float) for k, v in metrics.items()), where, "metrics must map names to numbers")
+        isinstance(k, str) and type(v) in (int, float) and abs(v) < 1e300 for k, v in metrics.items()), where, "metrics must map names to numbers")
     _expect(m.get("note") is None or isinstance(m["note"], str), where, "note must be text")
     _expect(isinstance(m.get("tags"), list) and all(isinstance(t, str) for t in m["tags"]), where, "tags must be a list of text")
     for name in ("size", "written"):
@@ -149,7 +148,7 @@ def _validate(m: dict[str, Any], where: str) -> None:
     tensors = m.get("tensors")
     _expect(isinstance(tensors, dict), where, "tensors must be an object")
     for key, t in tensors.items():
-        _expect(isinstance(t, dict) and t.get("storage") in storages, where, f"tensor {key!r} refers to a missing storage")
+        _expect(isinstance(t, dict) and isinstance(t.get("storage"), str) and t["storage"] in storages, where, f"tensor {key!r} refers to a missing storage")
         shape, stride, offset = t.get("shape"), t.get("stride"), t.get("byte_offset")
         _expect(isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride) <= 64
                 and all(type(d) is int and 0 <= d < 2**50 for d in shape)
@@ -205,7 +204,7 @@ def info_from(manifest: dict[str, Any], *, pinned: bool = False, state: str = "l
         created=float(manifest["created"]),
         position=decode(manifest["position"], no_tensors),
         metrics=dict(manifest["metrics"]),
-        note=manifest["note"],
+        note=manifest.get("note"),
         tags=tuple(manifest["tags"]),
         size=manifest["size"],
         written=manifest["written"],

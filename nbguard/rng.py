@@ -23,6 +23,26 @@ def capture() -> dict[str, Any]:
     return state
 
 
+def check(state: Any) -> None:
+    from .errors import CorruptSnapshotError
+
+    try:
+        if not isinstance(state, dict):
+            raise TypeError("not a mapping")
+        if "python" in state:
+            version, internal, gauss = state["python"]
+            random.Random().setstate((version, tuple(internal), gauss))
+        if "numpy" in state:
+            np.random.RandomState().set_state(tuple(state["numpy"]))
+        if "torch" in state:
+            torch.Generator().set_state(state["torch"].to("cpu", torch.uint8).contiguous())
+        for s in state.get("cuda") or ():
+            if not isinstance(s, torch.Tensor):
+                raise TypeError("cuda state is not a tensor")
+    except (TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as exc:
+        raise CorruptSnapshotError(f"the snapshot's random generator states are damaged: {exc}") from exc
+
+
 def restore(state: dict[str, Any]) -> list[str]:
     """Set every RNG found in ``state``; returns the names of the streams restored."""
     restored = []

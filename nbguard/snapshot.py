@@ -127,6 +127,8 @@ class Snapshot:
         shape, stride, offset = spec["shape"], spec["stride"], spec["byte_offset"]
         data = self.storage(spec["storage"])
         numel = math.prod(shape)
+        if math.prod(d for d in shape if d) >= 2**62:
+            raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} has an absurd shape {shape}")
         reach = 0 if numel == 0 else sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1
         needed = reach * itemsize
         if offset + needed > data.numel():
@@ -135,7 +137,7 @@ class Snapshot:
         if offset % itemsize:
             raw = raw.clone()
         typed = raw.view(dtype) if needed else torch.empty(0, dtype=dtype)
-        return typed.as_strided(shape, stride, 0) if needed else torch.empty(shape, dtype=dtype)
+        return typed.as_strided(shape, stride, typed.storage_offset()) if needed else torch.empty(shape, dtype=dtype)
 
     def _decode(self, tree: Any) -> Any:
         return decode(tree, self.tensor)
@@ -194,6 +196,13 @@ class Snapshot:
         """
         objects = dict(objects or {})
         names = list(only) if only is not None else list(self.manifest["objects"])
+        unknown = [n for n in names if n not in self.manifest["objects"]]
+        if unknown:
+            from .errors import UsageError
+            raise UsageError(f"snapshot {self.id} holds no {', '.join(map(repr, unknown))}; it holds {', '.join(self.names)}")
+        self._storages.clear()
+        self._tensors.clear()
+        self._blobs.clear()
         report = RestoreReport(self.info)
         plan: list[tuple[str, str, Any, Any]] = []  # (name, kind, live object, decoded state)
         self._load(self.storage_keys_of(names) + self._rng_storage_keys(rng), progress)
@@ -211,10 +220,15 @@ class Snapshot:
             _check_fits(name, entry, live, state)
             plan.append((name, kind, live, state))
         rng_state = self._decode(self.manifest["rng"]) if rng and self.manifest["rng"] is not None else None
+        if rng_state is not None:
+            rng_streams.check(rng_state)
         for name, kind, live, state in plan:
             _apply(name, kind, live, state, namespace, report)
         if rng_state:
             report.rng = rng_streams.restore(rng_state)
+        self._storages.clear()  # the live objects own these tensors now: map the bytes afresh next time
+        self._tensors.clear()
+        self._blobs.clear()
         return report
 
     def _rng_storage_keys(self, rng: bool) -> list[str]:
@@ -233,6 +247,13 @@ def _check_fits(name: str, entry: dict[str, Any], live: Any, state: Any) -> None
     if entry["kind"] == "generator":
         if not isinstance(live, torch.Generator):
             raise RestoreError(f"{name} is a {_describe(live)} in your session but a torch.Generator in the snapshot")
+        saved = state.get("state") if isinstance(state, dict) else None
+        if not isinstance(saved, torch.Tensor):
+            raise CorruptSnapshotError(f"the saved state of {name} is not a generator state")
+        try:
+            torch.Generator(device=live.device).set_state(saved.to("cpu", torch.uint8).contiguous())
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CorruptSnapshotError(f"the saved state of {name} does not fit a {live.device} generator: {exc}") from exc
         return
     if kind_of(live) != "stateful":
         raise RestoreError(f"{name} in your session is a {_describe(live)} without load_state_dict(); "
@@ -255,13 +276,15 @@ def _check_module(name: str, module: torch.nn.Module, state: Any) -> None:
     if missing or unexpected:
         detail = []
         if missing:
-            detail.append(f"missing in the snapshot: {', '.join(missing[:5])}")
+            detail.append(f"missing in the snapshot: {', '.join(map(str, missing[:5]))}")
         if unexpected:
-            detail.append(f"not in your model: {', '.join(unexpected[:5])}")
+            detail.append(f"not in your model: {', '.join(map(str, unexpected[:5]))}")
         raise RestoreError(f"{name} does not match the snapshot ({'; '.join(detail)}): build the model the same "
                            "way as when the snapshot was taken")
     for key, tensor in live.items():
         saved = state[key]
+        if isinstance(tensor, torch.Tensor) and not isinstance(saved, torch.Tensor):
+            raise CorruptSnapshotError(f"the saved {name}.{key} is not a tensor")
         if isinstance(tensor, torch.Tensor) and isinstance(saved, torch.Tensor) and tensor.shape != saved.shape:
             raise RestoreError(f"{name}.{key} has shape {list(saved.shape)} in the snapshot but {list(tensor.shape)} in "
                                "your model: build the model with the same sizes as when the snapshot was taken")
@@ -275,10 +298,24 @@ def _check_optimizer(name: str, optimizer: torch.optim.Optimizer, state: Any, sa
     if not isinstance(groups, list):
         raise CorruptSnapshotError(f"the saved state of {name} has no param_groups")
     live_sizes = [len(g["params"]) for g in optimizer.param_groups]
-    saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    saved_sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else -1
+                   for g in groups]
     if live_sizes != saved_sizes:
         raise RestoreError(f"{name} has parameter groups of sizes {live_sizes} in your session but {saved_sizes} in the "
                            "snapshot: create it over the same model parameters")
+    saved_state = state.get("state")
+    if not isinstance(saved_state, dict):
+        raise CorruptSnapshotError(f"the saved state of {name} has no per-parameter state")
+    live_params = dict(zip([i for g in groups for i in g["params"]],
+                           [p for g in optimizer.param_groups for p in g["params"]], strict=True))
+    for pid, entry in saved_state.items():
+        param = live_params.get(pid) if isinstance(pid, int) else None
+        if param is None or not isinstance(entry, dict):
+            raise CorruptSnapshotError(f"the saved state of {name} refers to an unknown parameter {pid!r}")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise RestoreError(f"{name}: the saved {key} of parameter {pid} has shape {list(value.shape)} but the "
+                                   f"parameter has {list(param.shape)}: create it over the same model parameters")
 
 
 def _apply(name: str, kind: str, live: Any, state: Any, namespace: MutableMapping[str, Any] | None,

@@ -153,6 +153,7 @@ class StagingArea:
             and previous is not None
             and previous[0] == group.identity
             and previous[1] == group.versions
+            and group.storage.resizable()
             and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()))
         ):
             return previous[2]
@@ -218,6 +219,16 @@ class StagingArea:
         """Record what a committed snapshot holds, so the next save can skip unchanged groups."""
         for group in groups:
             self._committed[group.key] = (group.identity, group.versions, entries[group.key])
+
+    def drop_missing(self, store) -> None:
+        """Forget committed groups whose blob was deleted (by hand, the panel or another process), so
+        the next snapshot never refers to a missing blob."""
+        from .blobfile import blob_path
+
+        blobs = {rec[2].blob for rec in self._committed.values()}
+        missing = {b for b in blobs if not store.exists(blob_path(b))}
+        if missing:
+            self._committed = {k: v for k, v in self._committed.items() if v[2].blob not in missing}
 
     def previous_entry(self, key: str) -> StoredEntry | None:
         """What the last committed snapshot stored for a group."""

@@ -100,10 +100,20 @@ def describe_os_error(exc: OSError, where: str) -> str:
     return f"saving to {where} failed: {hint}"
 
 
-class LocalStore:
-    """A folder on the local disk or on a mounted drive (Colab's /content/drive)."""
+EventHook = Callable[[str, str], None]
 
-    def __init__(self, root: str | os.PathLike[str]):
+
+class LocalStore:
+    """A folder on the local disk or on a mounted drive (Colab's /content/drive).
+
+    ``on_event`` (also a settable attribute) is a seam for tracing and crash tests: when set, it is
+    called as ``on_event(kind, path)`` right before each file-system operation of ``write`` and
+    ``delete``, with ``path`` the store path being written or deleted and ``kind`` one of 'create'
+    (the temporary file), 'write' (each ``os.write``), 'fsync', 'rename', 'fsync-dir' and 'delete'.
+    An exception it raises acts as if that operation had failed. None (the default) costs nothing.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], on_event: EventHook | None = None):
         self.root = os.path.abspath(os.fspath(root))
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise UsageError(
@@ -111,6 +121,7 @@ class LocalStore:
                 "(it is created if it does not exist)"
             )
         self.url = self.root
+        self.on_event = on_event
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
@@ -198,21 +209,32 @@ class LocalStore:
         full = self._abs(path)
         folder = os.path.dirname(full)
         tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(full)}")
+        event = self.on_event
         try:
             os.makedirs(folder, exist_ok=True)
+            if event is not None:
+                event("create", path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     while view:
+                        if event is not None:
+                            event("write", path)
                         written = os.write(fd, view)
                         view = view[written:]
                         if progress:
                             progress(written)
+                if event is not None:
+                    event("fsync", path)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if event is not None:
+                event("rename", path)
             os.replace(tmp, full)
+            if event is not None:
+                event("fsync-dir", path)
             _fsync_dir(folder)
         except OSError as exc:
             _remove_quietly(tmp)
@@ -223,7 +245,10 @@ class LocalStore:
 
     def delete(self, path: str) -> None:
         try:
-            os.remove(self._abs(path))
+            full = self._abs(path)
+            if self.on_event is not None:
+                self.on_event("delete", path)
+            os.remove(full)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -301,10 +326,12 @@ class MemoryStore:
             self._files[path] = (out.getvalue(), time.time())
 
     def delete(self, path: str) -> None:
+        check_relative(path)
         with self._lock:
             self._files.pop(path, None)
 
     def exists(self, path: str) -> bool:
+        check_relative(path)
         with self._lock:
             return path in self._files
 
@@ -406,7 +433,7 @@ class FsspecStore:
             raise StoreError(f"deleting {path} from {self.url} failed: {exc}") from exc
 
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(self._abs(path)))
+        return bool(self.fs.isfile(self._abs(path)))
 
 
 def open_store(location: str | os.PathLike[str] | Store) -> Store:

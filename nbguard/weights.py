@@ -82,10 +82,17 @@ def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu
 
 
 def _plain_safetensors_header(data: bytes):
+    if len(data) < 8:
+        raise CorruptSnapshotError("not a safetensors file (too short)")
     (length,) = struct.unpack("<Q", data[:8])
     if length > len(data) - 8:
         raise CorruptSnapshotError("not a safetensors file (truncated header)")
-    header = json.loads(data[8: 8 + length])
+    try:
+        header = json.loads(data[8: 8 + length])
+    except (ValueError, RecursionError) as exc:
+        raise CorruptSnapshotError(f"not a safetensors file: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptSnapshotError("not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
     entries = {name: _parse_entry(name, spec, "", len(data) - 8 - length) for name, spec in header.items()}
     return BlobHeader(data[: 8 + length], 8 + length, {n: Entry(e.name, e.code, e.shape, e.begin, e.end, "") for n, e in entries.items()})

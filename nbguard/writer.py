@@ -82,7 +82,8 @@ class Writer:
             while self._job is not None or self._running is not None:
                 self._cond.wait()
             if self._closed:
-                raise RuntimeError("this nbguard writer is closed")
+                from .errors import UsageError
+                raise UsageError("this Guard is closed: create a new Guard to save again")
             self._job = (job, handle)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)

@@ -54,6 +54,7 @@ def shell(tmp_path, monkeypatch):
     yield sh
     sh.run_line_magic("unload_ext", "nbguard")
     sh.user_ns.clear()
+    InteractiveShell.clear_instance()
 
 
 def run(sh, source: str):
