@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nbguard.store import FsspecStore, LocalStore, MemoryStore, Store
+from tests.drive_emulator import emulated_drive_store, stop_emulated_drive_store
 
 
 class StoreFactory(NamedTuple):
@@ -45,6 +46,7 @@ STORE_FACTORIES: list[StoreFactory] = [
     StoreFactory("local", lambda tmp_path: LocalStore(tmp_path / "store")),
     StoreFactory("memory", lambda tmp_path: MemoryStore(f"test-{uuid.uuid4().hex[:8]}")),
     StoreFactory("fsspec-memory", _fsspec_memory_store, _drop_fsspec_root),
+    StoreFactory("gdrive-emulator", emulated_drive_store, stop_emulated_drive_store),
 ]
 
 
