@@ -9,7 +9,9 @@ happens at the end of the current iteration.
 from __future__ import annotations
 
 import ast
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
@@ -139,8 +141,6 @@ class CheckpointedCell:
         self.guard.flush(30)
         self.report("saved a snapshot before shutting down (SIGTERM); run the notebook again to resume")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        import os
-
         os.kill(os.getpid(), signal.SIGTERM)
 
     def save_if_changed(self, reason: str = "manual") -> bool:
@@ -287,7 +287,7 @@ class CheckpointedCell:
             self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
             raise
         except Exception:
-            if not isinstance(_current_exception(), NbguardError):
+            if not isinstance(sys.exc_info()[1], NbguardError):
                 self._said(f"the cell stopped with an error; the last snapshot is kept{self._last_text()}. "
                            "Fix the problem and run the cell again to resume from there")
             raise
@@ -305,12 +305,6 @@ class CheckpointedCell:
 
     def _said(self, message: str) -> None:
         print(f"nbguard: {message}", flush=True)
-
-
-def _current_exception() -> BaseException | None:
-    import sys
-
-    return sys.exc_info()[1]
 
 
 def _extra(snapshot: Snapshot) -> dict[str, Any]:

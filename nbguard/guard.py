@@ -138,22 +138,18 @@ class Guard:
             captured = capture(state)
             for name, reason in captured.skipped.items():
                 self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
+            position_tree = encode(position, "position", _no_tensors)
+            extra_tree = encode(extra, "extra", captured.sink_for(captured.tensors))
             staged = self._staging.stage(captured.tensors)
             manifest = {
                 "format": FORMAT, "version": VERSION, "id": snapshot_id, "run": self.run,
-                "created": time.time(), "writer": self.writer_id,
-                "position": encode(position, "position", _no_tensors),
+                "created": time.time(), "writer": self.writer_id, "position": position_tree,
                 "metrics": metrics, "note": note, "tags": sorted(set(tags)),
                 "versions": {"nbguard": __version__, "torch": torch.__version__, "numpy": np.__version__,
                              "python": platform.python_version()},
                 "objects": captured.objects, "rng": captured.rng, "skipped": captured.skipped,
-                "tensors": staged.layouts, "storages": {}, "size": 0, "written": 0,
-                "extra": encode(extra, "extra", captured.sink_for(captured.tensors)),
+                "tensors": staged.layouts, "storages": {}, "size": 0, "written": 0, "extra": extra_tree,
             }
-            if set(captured.tensors) - set(staged.layouts):  # tensors from `extra`
-                extra_staged = self._staging.stage({k: v for k, v in captured.tensors.items() if k not in staged.layouts})
-                staged.groups += extra_staged.groups
-                staged.layouts.update(extra_staged.layouts)
             stall = time.perf_counter() - started
             stats = SaveStats(stall, staged.staged_bytes, staged.reused_bytes, streaming=staged.streaming)
             handle: SaveHandle[SnapshotInfo] = SaveHandle(snapshot_id)
