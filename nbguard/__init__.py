@@ -22,6 +22,7 @@ from .errors import (
 )
 from .guard import Guard, SaveStats, load
 from .manifest import SnapshotInfo
+from .place import default_dir
 from .retention import Policy
 from .snapshot import RestoreReport, Snapshot
 from .store import FsspecStore, LocalStore, MemoryStore, Store, open_store
@@ -51,6 +52,7 @@ __all__ = [
     "StoreError",
     "UsageError",
     "__version__",
+    "default_dir",
     "load",
     "load_ipython_extension",
     "load_weights",

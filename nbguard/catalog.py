@@ -54,13 +54,16 @@ class Comparison:
     unchanged: list[str]
     only_in_a: list[str]
     only_in_b: list[str]
+    scalars: set[str] = field(default_factory=set)
 
     def describe(self) -> str:
         lines = [f"{self.a.id}  vs  {self.b.id}"]
         for name, x, y in self.metrics:
             lines.append(f"  {name}: {_num(x)} → {_num(y)}")
         lines.append(f"  tensors changed: {len(self.changed)}, unchanged: {len(self.unchanged)}")
-        for name, max_abs, rel in sorted(self.changed, key=lambda r: -r[2])[:10]:
+        # Ranked by relative change, single numbers (step counters) left out of the top ten.
+        ranked = [r for r in self.changed if r[0] not in self.scalars]
+        for name, max_abs, rel in sorted(ranked, key=lambda r: -r[2])[:10]:
             lines.append(f"    {name}: max |Δ| {max_abs:.3g}, relative {rel:.3g}")
         return "\n".join(lines)
 
@@ -81,7 +84,12 @@ class GcReport:
 class Catalog:
     """The snapshots of one store folder (every run in it)."""
 
-    def __init__(self, store: Store | str | os.PathLike[str]):
+    def __init__(self, store: Store | str | os.PathLike[str] | None = None):
+        """``store``: a folder, a URL or a Store; None means this notebook's default folder."""
+        if store is None:
+            from .place import default_dir
+
+            store = default_dir()
         self.store = open_store(store)
         self._cache: dict[str, tuple[int, dict[str, Any]]] = {}
         self._lock = threading.RLock()
@@ -317,7 +325,7 @@ class Catalog:
         names = sorted(set(first.info.metrics) | set(second.info.metrics))
         metrics = [(n, first.info.metrics.get(n), second.info.metrics.get(n)) for n in names]
         keys_a, keys_b = set(first.manifest["tensors"]), set(second.manifest["tensors"])
-        changed, unchanged = [], []
+        changed, unchanged, scalars = [], [], set()
         for key in sorted(keys_a & keys_b):
             if key.startswith("rng/"):
                 continue
@@ -333,12 +341,14 @@ class Catalog:
             if torch.equal(x, y):
                 unchanged.append(key)
                 continue
+            if x.numel() <= 1:
+                scalars.add(key)
             diff = x.double() - y.double()
             norm = float(x.double().norm())
             changed.append((key, float(diff.abs().max()), float(diff.norm()) / norm if norm else math.inf))
         return Comparison(first.info, second.info, metrics, changed, unchanged,
                           sorted(k for k in keys_a - keys_b if not k.startswith("rng/")),
-                          sorted(k for k in keys_b - keys_a if not k.startswith("rng/")))
+                          sorted(k for k in keys_b - keys_a if not k.startswith("rng/")), scalars)
 
     def export(self, ref: str, module: str, out: str | os.PathLike[str], run: str | None = None) -> str:
         """Write the weights of one module of a snapshot to a standalone ``.safetensors`` file

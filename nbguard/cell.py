@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import rng
@@ -75,11 +76,17 @@ class CheckpointedCell:
         discovery = self._discover()
         state = dict(discovery.objects)
         for name in discovery.values:
-            if name in self.namespace:
-                state[name] = self.namespace[name]
+            if name not in self.namespace:
+                continue
+            value = self.namespace[name]
+            if name in self.loop_targets and isinstance(value, torch.Tensor | np.ndarray | tuple | list):
+                continue  # a batch: the next iteration loads the next one anyway
+            state[name] = value
         return state
 
-    def metrics(self, state: dict[str, Any]) -> dict[str, float]:
+    def metrics(self, state: dict[str, Any], *, with_best: bool = True) -> dict[str, float]:
+        """Float variables of the cell, for the panel's chart; the ``--best`` variable only when
+        ``with_best`` (mid-epoch its value belongs to weights of an earlier epoch)."""
         out: dict[str, float] = {}
         if self.options.best:
             name = self.options.best[0]
@@ -91,7 +98,9 @@ class CheckpointedCell:
                 value = value.item()
             if type(value) is float and name not in self.loop_targets:
                 out[name] = value
-        if self.options.best and self.options.best[0] in self.namespace:
+        if self.options.best:
+            out.pop(self.options.best[0], None)
+        if with_best and self.options.best and self.options.best[0] in self.namespace:
             value = self.namespace[self.options.best[0]]
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
@@ -116,7 +125,8 @@ class CheckpointedCell:
         if completed:
             position["completed"] = True
         extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed}
-        handle = self.guard.save(state, metrics=self.metrics(state), position=position, note=note,
+        at_epoch_end = positions is None or len(positions) <= 1
+        handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
                                  tags=tags, extra=extra, wait=wait)
         self.saves += 1
         return handle
@@ -124,7 +134,7 @@ class CheckpointedCell:
     def _on_safe_point(self, point) -> None:
         reasons = set(point.reasons)
         interrupted = "interrupt" in reasons or "shutdown" in reasons
-        if not interrupted and self.guard.busy:
+        if reasons <= {"timer"} and self.guard.busy:
             self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
             return
         tags = ("interrupted",) if interrupted else ()

@@ -1,7 +1,7 @@
 """The ``nbguard`` command: ls, show, verify, export, gc, demo.
 
 DIR is the folder that ``NBGUARD_DIR`` or a magic's ``--dir`` names; it covers every run in it.
-A folder holding several such folders (``nbguard/`` next to your notebooks) works too.
+A folder holding several such folders (``nbguard-snapshots/`` next to your notebooks) works too.
 Errors are one line on stderr and exit status 2; ``verify`` exits 1 when something is damaged.
 """
 
@@ -20,7 +20,7 @@ from .store import LocalStore
 
 
 def default_dir() -> str:
-    return os.environ.get("NBGUARD_DIR") or "nbguard"
+    return os.environ.get("NBGUARD_DIR") or "nbguard-snapshots"
 
 
 def stores_in(location: str) -> list[Catalog]:
@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_dir(p: argparse.ArgumentParser, positional: bool = True) -> None:
         if positional:
-            p.add_argument("dir", nargs="?", default=default_dir(), help="snapshot folder (default: $NBGUARD_DIR or ./nbguard)")
+            p.add_argument("dir", nargs="?", default=default_dir(), help="snapshot folder (default: $NBGUARD_DIR or ./nbguard-snapshots)")
         else:
-            p.add_argument("--dir", default=default_dir(), help="snapshot folder (default: $NBGUARD_DIR or ./nbguard)")
+            p.add_argument("--dir", default=default_dir(), help="snapshot folder (default: $NBGUARD_DIR or ./nbguard-snapshots)")
         p.add_argument("--run", default=None, help="only this run")
 
     p = sub.add_parser("ls", help="list snapshots")

@@ -24,6 +24,9 @@ AUTO: object = type("Auto", (), {"__repr__": lambda self: "AUTO"})()
 """Default for ``shell``: use the running IPython shell if there is one. Pass None for "no shell"."""
 
 DRIVE = "/content/drive/MyDrive"
+# Not "nbguard": a folder of that name in the working directory (which is on sys.path in a kernel)
+# would shadow the package itself for editable installs.
+FOLDER = "nbguard-snapshots"
 _SLUG_MAX = 80
 _MOUNT_DRIVE = "from google.colab import drive; drive.mount('/content/drive')"
 
@@ -167,12 +170,12 @@ def default_location(platform: str, identity: NotebookIdentity, environ: Mapping
     * ``NBGUARD_DIR`` set: that folder exactly (the notebook's name is not appended: the user
       chose the folder); a relative path is taken from ``cwd``.
     * Colab with Drive mounted (``/content/drive/MyDrive`` exists): ``MyDrive/nbguard/<name>``.
-    * Colab without: ``/content/nbguard/<name>``, lost on disconnect, with a warning saying so.
-    * Kaggle: ``/kaggle/working/nbguard/<name>``, kept only with a saved version or Files
+    * Colab without: ``/content/nbguard-snapshots/<name>``, lost on disconnect, with a warning saying so.
+    * Kaggle: ``/kaggle/working/nbguard-snapshots/<name>``, kept only with a saved version or Files
       persistence, with a warning saying so.
-    * Jupyter, VS Code: ``nbguard/<name>`` in the notebook's folder when its absolute path is
+    * Jupyter, VS Code: ``nbguard-snapshots/<name>`` in the notebook's folder when its absolute path is
       known, else in ``cwd`` (a kernel starts in its notebook's folder).
-    * IPython, a script: ``nbguard/<name>`` in ``cwd``.
+    * IPython, a script: ``nbguard-snapshots/<name>`` in ``cwd``.
 
     ``root`` prefixes the fixed Colab and Kaggle paths (tests point it at a tmp folder).
     """
@@ -183,15 +186,16 @@ def default_location(platform: str, identity: NotebookIdentity, environ: Mapping
         return _judge(platform, path, "set by NBGUARD_DIR", root, environ)
     if platform == "colab":
         drive = os.path.join(root, DRIVE.lstrip("/"))
-        base = drive if os.path.isdir(drive) else os.path.join(root, "content")
-        return _judge(platform, os.path.join(base, "nbguard", identity.name), "", root, environ)
+        if os.path.isdir(drive):
+            return _judge(platform, os.path.join(drive, "nbguard", identity.name), "", root, environ)
+        return _judge(platform, os.path.join(root, "content", FOLDER, identity.name), "", root, environ)
     if platform == "kaggle":
-        path = os.path.join(root, "kaggle", "working", "nbguard", identity.name)
+        path = os.path.join(root, "kaggle", "working", FOLDER, identity.name)
         return _judge(platform, path, "", root, environ)
     folder, where = cwd, "in the current folder"
     if platform in ("jupyter", "vscode") and identity.path and os.path.isabs(identity.path):
         folder, where = os.path.dirname(identity.path), "next to the notebook"
-    return Place(os.path.join(folder, "nbguard", identity.name), platform, True, where)
+    return Place(os.path.join(folder, FOLDER, identity.name), platform, True, where)
 
 
 def _judge(platform: str, path: str, why: str, root: str, environ: Mapping[str, str]) -> Place:
@@ -211,3 +215,14 @@ def _judge(platform: str, path: str, why: str, root: str, environ: Mapping[str, 
                      "with Persistence set to Files in the notebook's session options. To keep snapshots "
                      "in Google Drive instead, run %nbguard drive.")
     return Place(path, platform, True, why or "on this machine's disk")
+
+
+def default_dir() -> str:
+    """Where this notebook's snapshots go: the loaded extension's folder (which ``%nbguard drive`` or
+    ``%nbguard config dir=...`` may have changed), else the default for this place."""
+    from .session import current
+
+    session = current()
+    if session is not None:
+        return session.store_location(session.defaults)
+    return default_location(detect_platform(), notebook_identity()).path

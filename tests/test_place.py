@@ -216,7 +216,7 @@ def test_colab_with_drive_mounted(tmp_path):
 
 def test_colab_without_drive_warns_and_says_how_to_fix(tmp_path):
     place = default_location("colab", NB, {}, root=str(tmp_path))
-    assert place.path == str(tmp_path / "content/nbguard/train")
+    assert place.path == str(tmp_path / "content/nbguard-snapshots/train")
     assert not place.survives_disconnect
     assert "lost when Colab recycles the VM" in place.why
     assert "disconnect loses" in place.warning
@@ -227,7 +227,7 @@ def test_colab_without_drive_warns_and_says_how_to_fix(tmp_path):
 
 def test_kaggle(tmp_path):
     place = default_location("kaggle", NB, KAGGLE_ENV, root=str(tmp_path))
-    assert place.path == str(tmp_path / "kaggle/working/nbguard/train")
+    assert place.path == str(tmp_path / "kaggle/working/nbguard-snapshots/train")
     assert not place.survives_disconnect
     assert "saved version" in place.warning and "%nbguard drive" in place.warning
     batch = default_location("kaggle", NB, {"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, root=str(tmp_path))
@@ -238,22 +238,22 @@ def test_local_notebooks_keep_snapshots_next_to_the_notebook(tmp_path):
     ident = NotebookIdentity("run", "/w/exp/run.ipynb", "vscode")
     for platform in ("jupyter", "vscode"):
         place = default_location(platform, ident, {}, cwd=str(tmp_path))
-        assert place.path == "/w/exp/nbguard/run" and place.survives_disconnect and place.warning is None
+        assert place.path == "/w/exp/nbguard-snapshots/run" and place.survives_disconnect and place.warning is None
     relative = NotebookIdentity("run", "exp/run.ipynb", "JPY_SESSION_NAME")  # an API path: use the cwd
-    assert default_location("jupyter", relative, {}, cwd="/w/exp").path == "/w/exp/nbguard/run"
-    assert default_location("jupyter", NB, {}, cwd="/w").path == "/w/nbguard/train"
+    assert default_location("jupyter", relative, {}, cwd="/w/exp").path == "/w/exp/nbguard-snapshots/run"
+    assert default_location("jupyter", NB, {}, cwd="/w").path == "/w/nbguard-snapshots/train"
 
 
 def test_scripts_and_terminals_use_the_current_folder():
     ident = NotebookIdentity("train_resnet", "/elsewhere/train_resnet.py", "script")
     for platform in ("script", "ipython"):
         place = default_location(platform, ident, {}, cwd="/w")
-        assert place.path == "/w/nbguard/train_resnet" and place.why == "in the current folder"
+        assert place.path == "/w/nbguard-snapshots/train_resnet" and place.why == "in the current folder"
 
 
 def test_message_is_one_line_without_a_warning():
     place = default_location("script", NB, {}, cwd="/w")
-    assert place.message() == "nbguard: snapshots go to /w/nbguard/train (in the current folder)."
+    assert place.message() == "nbguard: snapshots go to /w/nbguard-snapshots/train (in the current folder)."
 
 
 @pytest.mark.e2e
@@ -277,4 +277,4 @@ def test_inside_a_real_jupyter_kernel(tmp_path):
         km.shutdown_kernel(now=True)
     assert reply["content"]["status"] == "ok"
     text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
-    assert text.split() == ["jupyter", "My-Nb", str(tmp_path / "nbguard" / "My-Nb")]
+    assert text.split() == ["jupyter", "My-Nb", str(tmp_path / "nbguard-snapshots" / "My-Nb")]

@@ -34,7 +34,7 @@ def open_panel(
     """The snapshot panel widget (display it as a cell's value, or drive it from code).
 
     ``location``: a folder, a URL, a Store or a Catalog (default: ``guard``'s store, else
-    ./nbguard-snapshots). ``run``: show one run only. ``namespace``: where Restore looks objects up
+    this notebook's default folder, as ``nbguard.default_dir()``). ``run``: show one run only. ``namespace``: where Restore looks objects up
     and assigns values (default: the IPython user namespace). ``guard``: shows its background
     writer's state. ``on_restore(info)``: called after each successful restore. ``place_text``: the
     sentence saying where snapshots live and whether that survives a disconnect (default: the

@@ -30,7 +30,6 @@ from ..store import Store, open_store
 from . import model
 from .chart import chart_svg
 
-DEFAULT_STORE = "nbguard-snapshots"
 USAGE_MAX_AGE = 10.0  # seconds: a live refresh re-sums the store's size at most this often
 MAX_COMPARE_CHOICES = 200
 
@@ -641,7 +640,7 @@ def _catalog_for(location: Catalog | Store | str | os.PathLike[str] | None, guar
     if isinstance(location, Catalog):
         return location
     if location is None:
-        return guard.catalog if guard is not None else Catalog(DEFAULT_STORE)
+        return guard.catalog if guard is not None else Catalog()  # this notebook's default folder
     store = open_store(location)
     if guard is not None and store.url == guard.store.url:
         return guard.catalog  # the Guard's own catalog hears its saves
@@ -660,7 +659,7 @@ def open_panel(
     best_metric: str | None = None,
 ) -> Panel:
     """The snapshot panel over a store (a folder, a URL, a Store or a Catalog; default: the
-    ``guard``'s store, else ./nbguard-snapshots). ``namespace`` (default: the IPython user namespace)
+    ``guard``'s store, else this notebook's default folder). ``namespace`` (default: the IPython user namespace)
     is what Restore loads into; ``on_restore(info)`` is called after each successful restore."""
     return Panel(_catalog_for(location, guard), run=run,
                  namespace=namespace if namespace is not None else _kernel_namespace(), guard=guard,
