@@ -224,15 +224,15 @@ def load_extension(shell: Any) -> None:
     platform = detect_platform(shell=shell)
     identity = notebook_identity(shell=shell)
     place = default_location(platform, identity)
-    session = Session(shell.user_ns, _report, place.path, place_text=place.why, notebook=identity.name)
+    why = place.why if place.survives_disconnect else f"{place.why}; to keep them, mount Google Drive or run %nbguard drive"
+    session = Session(shell.user_ns, _report, place.path, place_text=why, notebook=identity.name)
+    session.place_warning = place.warning
     session.install_handlers()
     magics = NbguardMagics(shell, session)
     shell.register_magics(magics)
     _loaded[id(shell)] = (magics, session)
     sessions.set_current(session)
     print(session.banner())
-    if place.warning:
-        print(place.warning)
 
 
 def unload_extension(shell: Any) -> None:

@@ -18,6 +18,7 @@ from .catalog import Catalog
 from .errors import UsageError
 from .guard import Guard, Reporter
 from .humanize import ago
+from .humanize import size as human_size
 from .manifest import SnapshotInfo
 from .retention import Policy
 
@@ -75,6 +76,7 @@ class Session:
     default_dir: str
     place_text: str = ""
     notebook: str = "notebook"
+    place_warning: str | None = None
     defaults: CellOptions = field(default_factory=CellOptions)
     guards: dict[tuple[str, str], Guard] = field(default_factory=dict)
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
@@ -153,6 +155,9 @@ class Session:
     def status_text(self) -> str:
         """``%nbguard status``: where, what is guarded, the last and next save, the writer."""
         lines = [f"snapshots go to {self.default_dir}" + (f" ({self.place_text})" if self.place_text else "")]
+        if self.place_warning:
+            lines.append(self.place_warning)
+        lines.extend(_drive_lines(self.catalog(self.store_location(self.defaults))))
         cell = self.running_cell or self.last_cell
         if cell is None:
             lines.append("no %%checkpointed cell has run yet in this session")
@@ -240,6 +245,27 @@ class Session:
             if not guard.flush(timeout):
                 self.report("a snapshot was still being written at shutdown and may be incomplete; "
                             "earlier snapshots are intact")
+
+
+def _drive_lines(catalog: Catalog) -> list[str]:
+    """Quota and upload state when snapshots go to Google Drive (or another replicated place)."""
+    store = catalog.store
+    remote = getattr(store, "remote", None)
+    if remote is None:
+        return []
+    lines = []
+    pending = store.pending() if callable(getattr(store, "pending", None)) else 0
+    lines.append(f"uploads waiting: {pending}" + (f"; last problem: {store.last_error}" if store.last_error else ""))
+    quota = getattr(remote, "quota", None)
+    if callable(quota):
+        try:
+            used, total = quota()
+            ours = catalog.usage()
+            lines.append(f"Google Drive: {human_size(used)} of {human_size(total) if total else 'unlimited'} used; "
+                         f"nbguard's snapshots here: {human_size(ours)}")
+        except Exception as exc:
+            lines.append(f"Google Drive quota unavailable: {exc}")
+    return lines
 
 
 def _positive_int(name: str, value: Any) -> int:
