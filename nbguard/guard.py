@@ -159,11 +159,11 @@ class Guard:
                     self._streaming_said = True
                     self._report("not enough free memory to stage a copy of the state: saving directly from the "
                                  "live tensors instead (training waits for the write; no extra memory is used)")
-                self._writer.run_inline(job, handle)
+                self._writer.run_inline(job, handle, then=self._after_write)
             else:
-                self._writer.submit(job, handle)
+                self._writer.submit(job, handle, then=self._after_write)
         if wait:
-            handle.wait()
+            self._writer.flush()  # durable, and old snapshots cleaned up
         return handle
 
     def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float) -> SnapshotInfo:
@@ -191,12 +191,17 @@ class Guard:
         self.last_error = None
         self.last_saved = info
         self.last_stats = replace(stats, written_bytes=written, durable_after=time.perf_counter() - started)
+        return info
+
+    def _after_write(self, info: SnapshotInfo | None) -> None:
+        """Retention, once the handle says durable (a later save still waits for it)."""
+        if info is None:
+            return
         try:
             self.catalog.apply_retention(self.run, self.policy)
         except NbguardError as exc:
             self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
         self.catalog.notify("saved", info)
-        return info
 
     def _write_blob(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], int]:
         entries: dict[str, StoredEntry] = {}

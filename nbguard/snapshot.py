@@ -19,7 +19,7 @@ from . import rng as rng_streams
 from .blobfile import BlobHeader, blob_path, dtype_from_name, parse_header, verify_entry
 from .capture import kind_of, type_name
 from .codec import decode, tensor_refs
-from .errors import CorruptSnapshotError, RestoreError
+from .errors import CorruptSnapshotError, RestoreError, UsageError
 from .humanize import size as human_size
 from .manifest import SnapshotInfo, info_from
 from .store import Store
@@ -67,6 +67,8 @@ class Snapshot:
         self._blobs: dict[str, tuple[Any, BlobHeader]] = {}
         self._storages: dict[str, torch.Tensor] = {}
         self._tensors: dict[str, torch.Tensor] = {}
+        self._owned_storages: dict[str, torch.Tensor] = {}
+        self._owned_tensors: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"<Snapshot {self.info.id} run={self.info.run!r} {self.info.label or ''} {human_size(self.info.size)}>"
@@ -111,21 +113,30 @@ class Snapshot:
             self._storages[key] = tensor
         return self._storages[key]
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str, *, owned: bool = False) -> torch.Tensor:
         """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
-        memory when saved share it again."""
-        if key not in self._tensors:
+        memory when saved share it again. ``owned``: in private memory of its own rather than a
+        view on the snapshot's file map (for state that training writes to)."""
+        cache = self._owned_tensors if owned else self._tensors
+        if key not in cache:
             spec = self.manifest["tensors"].get(key)
             if spec is None:
                 raise CorruptSnapshotError(f"snapshot {self.id} refers to a missing tensor {key!r}")
-            self._tensors[key] = self._view(key, spec)
-        return self._tensors[key]
+            cache[key] = self._view(key, spec, owned)
+        return cache[key]
 
-    def _view(self, key: str, spec: dict[str, Any]) -> torch.Tensor:
+    def _owned_storage(self, key: str) -> torch.Tensor:
+        # Copy-on-write faults on a file map cost ~10 µs a page here: an optimizer's first step after
+        # a restore would pay far more than this one copy into fresh memory.
+        if key not in self._owned_storages:
+            self._owned_storages[key] = self.storage(key).clone()
+        return self._owned_storages[key]
+
+    def _view(self, key: str, spec: dict[str, Any], owned: bool = False) -> torch.Tensor:
         dtype = dtype_from_name(spec["dtype"])
         itemsize = torch.empty((), dtype=dtype).element_size()
         shape, stride, offset = spec["shape"], spec["stride"], spec["byte_offset"]
-        data = self.storage(spec["storage"])
+        data = self._owned_storage(spec["storage"]) if owned else self.storage(spec["storage"])
         numel = math.prod(shape)
         if math.prod(d for d in shape if d) >= 2**62:
             raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} has an absurd shape {shape}")
@@ -139,8 +150,8 @@ class Snapshot:
         typed = raw.view(dtype) if needed else torch.empty(0, dtype=dtype)
         return typed.as_strided(shape, stride, typed.storage_offset()) if needed else torch.empty(shape, dtype=dtype)
 
-    def _decode(self, tree: Any) -> Any:
-        return decode(tree, self.tensor)
+    def _decode(self, tree: Any, *, owned: bool = False) -> Any:
+        return decode(tree, (lambda key: self.tensor(key, owned=True)) if owned else self.tensor)
 
     def tree(self, name: str) -> dict[str, Any]:
         obj = self.manifest["objects"].get(name)
@@ -198,11 +209,8 @@ class Snapshot:
         names = list(only) if only is not None else list(self.manifest["objects"])
         unknown = [n for n in names if n not in self.manifest["objects"]]
         if unknown:
-            from .errors import UsageError
             raise UsageError(f"snapshot {self.id} holds no {', '.join(map(repr, unknown))}; it holds {', '.join(self.names)}")
-        self._storages.clear()
-        self._tensors.clear()
-        self._blobs.clear()
+        self._forget()
         report = RestoreReport(self.info)
         plan: list[tuple[str, str, Any, Any]] = []  # (name, kind, live object, decoded state)
         self._load(self.storage_keys_of(names) + self._rng_storage_keys(rng), progress)
@@ -210,13 +218,13 @@ class Snapshot:
             entry = self.tree(name)
             kind = entry["kind"]
             if kind == "value":
-                plan.append((name, kind, None, self._decode(entry["tree"])))
+                plan.append((name, kind, None, self._decode(entry["tree"], owned=True)))
                 continue
             live = objects.get(name, namespace.get(name) if namespace is not None else None)
             if live is None:
                 report.missing.append(name)
                 continue
-            state = self._decode(entry["tree"])
+            state = self._decode(entry["tree"], owned=not isinstance(live, torch.nn.Module))
             _check_fits(name, entry, live, state)
             plan.append((name, kind, live, state))
         rng_state = self._decode(self.manifest["rng"]) if rng and self.manifest["rng"] is not None else None
@@ -226,10 +234,12 @@ class Snapshot:
             _apply(name, kind, live, state, namespace, report)
         if rng_state:
             report.rng = rng_streams.restore(rng_state)
-        self._storages.clear()  # the live objects own these tensors now: map the bytes afresh next time
-        self._tensors.clear()
-        self._blobs.clear()
+        self._forget()  # the live objects own these tensors now: read the bytes afresh next time
         return report
+
+    def _forget(self) -> None:
+        for cache in (self._blobs, self._storages, self._tensors, self._owned_storages, self._owned_tensors):
+            cache.clear()
 
     def _rng_storage_keys(self, rng: bool) -> list[str]:
         if not rng or self.manifest["rng"] is None:

@@ -64,7 +64,7 @@ class Writer:
     def __init__(self, name: str = "nbguard-writer"):
         self._name = name
         self._cond = threading.Condition()
-        self._job: tuple[Callable[[], Any], SaveHandle] | None = None
+        self._job: tuple[Callable[[], Any], SaveHandle, Callable[[Any], None] | None] | None = None
         self._running: SaveHandle | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -76,25 +76,28 @@ class Writer:
         with self._cond:
             return self._job is not None or self._running is not None
 
-    def submit(self, job: Callable[[], T], handle: SaveHandle[T]) -> SaveHandle[T]:
-        """Queue ``job``; waits while another save is in flight."""
+    def submit(self, job: Callable[[], T], handle: SaveHandle[T],
+               then: Callable[[T | None], None] | None = None) -> SaveHandle[T]:
+        """Queue ``job``; waits while another save is in flight. ``then(result)`` runs on the writer
+        thread after the handle is finished (None if the job failed), before the next job."""
         with self._cond:
             while self._job is not None or self._running is not None:
                 self._cond.wait()
             if self._closed:
                 from .errors import UsageError
                 raise UsageError("this Guard is closed: create a new Guard to save again")
-            self._job = (job, handle)
+            self._job = (job, handle, then)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify_all()
         return handle
 
-    def run_inline(self, job: Callable[[], T], handle: SaveHandle[T]) -> SaveHandle[T]:
+    def run_inline(self, job: Callable[[], T], handle: SaveHandle[T],
+                   then: Callable[[T | None], None] | None = None) -> SaveHandle[T]:
         """Run ``job`` in the caller (streaming saves), after any save in flight."""
         self.flush()
-        _run(job, handle)
+        _run(job, handle, then)
         return handle
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -123,23 +126,29 @@ class Writer:
                     self._cond.wait()
                 if self._job is None:
                     return
-                job, handle = self._job
+                job, handle, then = self._job
                 self._job, self._running = None, handle
             try:
-                _run(job, handle)
+                _run(job, handle, then)
             finally:
                 with self._cond:
                     self._running = None
                     self._cond.notify_all()
 
 
-def _run(job: Callable[[], T], handle: SaveHandle[T]) -> None:
+def _run(job: Callable[[], T], handle: SaveHandle[T], then: Callable[[T | None], None] | None = None) -> None:
     try:
         result = job()
     except BaseException as exc:  # the handle re-raises it in the caller's thread
         handle._finish(None, exc)
+        result = None
     else:
         handle._finish(result, None)
+    if then is not None:
+        try:
+            then(result)
+        except Exception:  # follow-up work (retention) reports its own errors
+            pass
 
 
 _live_writers: set[Writer] = set()

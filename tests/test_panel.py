@@ -42,7 +42,7 @@ def train(guard: nbguard.Guard, epochs: int, seed: int, tags: dict[int, list[str
         opt.step()
         history.append(round(loss.item(), 6))
         guard.save({"model": net, "opt": opt, "history": history}, metrics={"loss": loss.item(), "acc": 0.5 + epoch / 20},
-                   position={"epoch": epoch}, tags=(tags or {}).get(epoch, ())).wait()
+                   position={"epoch": epoch}, tags=(tags or {}).get(epoch, ()), wait=True)
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +341,7 @@ def test_a_save_from_another_thread_shows_up_by_itself(store):
         guard.save({"model": net, "opt": opt}, metrics={"loss": 0.01}, position={"epoch": 5}).result()))
     thread.start()
     thread.join(10)
+    guard.flush()  # 'saved' is announced once retention has run
     assert p.wait_for_refresh(10)
     assert len(p.rows) == 7 and p.rows[0].id == saved[0].id and p.rows[0].position == "epoch 5"
     assert "best" in p.rows[0].badges and "latest" in p.rows[0].badges
@@ -353,11 +354,11 @@ def test_a_panel_opened_by_path_hears_a_guard_in_the_namespace(store):
     p = nbguard.panel(str(folder), namespace={"guard": guard})
     assert p.catalog is not guard.catalog
     p.throttle = 0.05
-    guard.save({"model": net}, metrics={"loss": 0.5}, position={"epoch": 9}).wait()
+    guard.save({"model": net}, metrics={"loss": 0.5}, position={"epoch": 9}, wait=True)  # 'saved' is sent
     assert p.wait_for_refresh(10)
     assert p.rows[0].position == "epoch 9"
     p.close()
-    guard.save({"model": net}, position={"epoch": 10}).wait()
+    guard.save({"model": net}, position={"epoch": 10}, wait=True)
     assert not p.process_pending() and p.rows[0].position == "epoch 9"
 
 
