@@ -41,6 +41,7 @@ def _listeners_of(url: str) -> list[Listener]:
     with _LISTENERS_LOCK:
         return _LISTENERS.setdefault(url, [])
 GRACE_SECONDS = 3600.0
+RECENT_BLOB_SECONDS = 120.0
 
 
 @dataclass
@@ -202,6 +203,10 @@ class Catalog:
             snapshot = Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
             try:
                 snapshot._load(snapshot.storage_keys_of(names or snapshot.names) + snapshot._rng_storage_keys(True), None)
+                for name in names or snapshot.names:
+                    snapshot.state_dict(name)
+                snapshot._decode(snapshot.manifest["rng"])
+                snapshot._decode(snapshot.manifest["extra"])
             except (CorruptSnapshotError, StoreError) as exc:
                 skipped.append(f"snapshot {info.id} is damaged or incomplete ({exc}); using an older one")
                 continue
@@ -250,8 +255,15 @@ class Catalog:
             with self._lock:
                 self._cache.pop(manifest_path(info.run, info.id), None)
         still_used = self.referenced_blobs()
-        for blob in candidates - still_used:
-            self.store.delete(f"blobs/{blob[:2]}/{blob}{BLOB_SUFFIX}")
+        doomed = candidates - still_used
+        # Another kernel may have just written a blob of the same content and be about to commit its
+        # manifest: blobs written in the last RECENT_BLOB_SECONDS are left to gc.
+        now = time.time()
+        for prefix in {blob[:2] for blob in doomed}:
+            for f in self.store.list(f"blobs/{prefix}"):
+                blob = f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
+                if blob in doomed and now - f.mtime >= RECENT_BLOB_SECONDS:
+                    self.store.delete(f.path)
         for info in infos:
             self.notify("deleted", info)
 

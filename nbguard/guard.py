@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -186,6 +187,9 @@ class Guard:
                                                "save tries again.")
             raise
         self._staging.commit(staged.groups, entries)
+        if any(key.startswith("store:") for key in self._reported):
+            self._reported = {key for key in self._reported if not key.startswith("store:")}
+            self._report("saving works again")
         self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
         info = info_from(manifest, state=self.catalog._state(path))
         self.last_error = None
@@ -258,7 +262,11 @@ class Guard:
         return self.catalog.snapshots(self.run)
 
     def latest(self) -> SnapshotInfo | None:
+        """The newest snapshot of this run (damaged ones are reported once and left out)."""
         snapshots = self.snapshots()
+        for path, problem in self.catalog.problems.items():
+            if f"runs/{self.run}/" in path:
+                self._say_once(_damage_key(path), f"{path} is damaged and is ignored: {problem}")
         return snapshots[0] if snapshots else None
 
     def load(self, ref: str = "latest") -> Snapshot:
@@ -278,12 +286,18 @@ class Guard:
         if ref == "latest":
             snapshot, skipped = self.catalog.latest_good(self.run)
             for message in skipped:
-                self._report(message)
+                self._say_once(_damage_key(message), message)
         else:
             snapshot, skipped = self.catalog.get(ref, self.run), []
         report = snapshot.restore(state, namespace=namespace, rng=rng)
         report.notes.extend(skipped)
         return report
+
+
+def _damage_key(text: str) -> str:
+    """One report per damaged snapshot, whichever path (listing or restore) finds it first."""
+    found = re.search(r"\d{8}T\d{6}-\d{3}-[0-9a-f]{4}", text)
+    return f"damaged:{found.group(0) if found else text}"
 
 
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:

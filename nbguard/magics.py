@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -67,7 +68,11 @@ class NbguardMagics(Magics):
         generator at the end of a loop iteration: on the timer, every N iterations, on interrupt
         and at shutdown. Run the cell again after a disconnect and it continues where it stopped.
         """
-        args = parse_argstring(self.checkpointed, line)
+        try:
+            args = parse_argstring(self.checkpointed, line)
+        except IPythonUsageError as exc:
+            print(f"nbguard: {exc}. The options are listed by %%checkpointed? (e.g. --every 10m --keep 3)")
+            return
         try:
             options = self._options(args)
             run = options.name or self._run_name(cell)
@@ -81,6 +86,9 @@ class NbguardMagics(Magics):
         try:
             guarded.run()
         except StopAfterSave:
+            return
+        except NbguardError as exc:
+            print(f"nbguard: {exc}")
             return
 
     def _options(self, args: Any) -> CellOptions:

@@ -66,8 +66,23 @@ def is_snapshot_id(text: str) -> bool:
     return bool(_ID.match(text))
 
 
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def checksum_of(manifest: dict[str, Any]) -> str:
+    """The xxh3 of a manifest's content (every field but ``checksum``, keys sorted)."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(_canonical(manifest))
+
+
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
-    return json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+    """The manifest's bytes, with a checksum of its content: a flipped bit anywhere (a number in
+    ``history`` included) is found on read."""
+    checked = {**manifest, "checksum": checksum_of(manifest)}
+    return json.dumps(checked, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _depth_checked(value: Any, depth: int = 0) -> None:
@@ -117,6 +132,12 @@ def parse_manifest(data: bytes, *, where: str = "manifest") -> dict[str, Any]:
         )
     if version < 1:
         raise CorruptSnapshotError(f"{where} has an invalid format version {version}")
+    try:
+        expected = checksum_of(manifest)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CorruptSnapshotError(f"{where} holds values JSON cannot express: {exc}") from exc
+    if manifest.get("checksum") != expected:
+        raise CorruptSnapshotError(f"{where} is damaged (its checksum does not match)")
     _validate(manifest, where)
     return manifest
 

@@ -135,7 +135,7 @@ class Uploader:
 
     def flush(self, timeout: float | None) -> bool:
         with self._cond:
-            if self._queue and (self._thread is None or self._stopping):
+            if (self._queue or self._scan_pending) and (self._thread is None or self._stopping):
                 self._start()
             return self._cond.wait_for(lambda: not self._queue and self._current is None, timeout)
 

@@ -504,6 +504,7 @@ def _staged(location: str, remote: Callable[[], Store], kind: str) -> Store:
             from .replica import ReplicatedStore
 
             store = ReplicatedStore(LocalStore(staging_folder(location)), remote(), remote_kind=kind)
+            store.resync()  # finish uploads an earlier session (killed mid-upload) left behind
             _staged_stores[location] = store
         return store
 

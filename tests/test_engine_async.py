@@ -74,7 +74,8 @@ def test_save_returns_before_the_write_and_the_handle_follows_it(gated):
         model.weight.add_(1)
     store.gate.set()
     assert handle.wait(10)
-    assert handle.done() and not guard.busy
+    assert handle.done()
+    assert guard.flush(10) and not guard.busy  # retention follows the durable commit on the writer thread
     assert handle.exception() is None
     info = handle.result()
     assert isinstance(info, SnapshotInfo) and info.id == handle.id

@@ -15,12 +15,14 @@ from torch import nn
 
 from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError
 from nbguard.blobfile import BLOB_SUFFIX
-from nbguard.manifest import manifest_path, new_id
+from nbguard.manifest import encode_manifest, manifest_path, new_id
 
 RUN = "ret"
 
 pytestmark = pytest.mark.usefixtures("fixed_rng")
 
+
+pytestmark = pytest.mark.usefixtures("prompt_blob_deletion")
 
 def blobs_on_disk(store) -> set[str]:
     return {f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
@@ -172,7 +174,7 @@ def test_a_writer_gone_for_more_than_an_hour_is_not_protected(tmp_path):
     path = store_dir / manifest_path(RUN, template.id)
     old = json.loads(path.read_bytes())
     old.update(id=new_id(time.time() - 7200), created=time.time() - 7200, writer="99999-deadbeef")
-    (store_dir / manifest_path(RUN, old["id"])).write_text(json.dumps(old))
+    (store_dir / manifest_path(RUN, old["id"])).write_bytes(encode_manifest(old))
     assert len(Catalog(store_dir).snapshots(RUN)) == 2
     newest = save()
     assert [s.id for s in Catalog(store_dir).snapshots(RUN)] == [newest.id]
