@@ -30,42 +30,55 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 class EscapeLog:
-    """Storages exposed through a door that bypasses the version counter."""
+    """Storages exposed through a door that bypasses the version counter.
+
+    Every exposure gets a number from a counter shared by the process; each staging area remembers the
+    number it had reached at its last save, so two Guards in one process never hide a write from each
+    other."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._recent: set[tuple[str, int]] = set()
+        self._count = 0
+        self._last: dict[tuple[str, int], int] = {}
         self._never_trusted: set[tuple[str, int]] = set()
-        self._views: dict[tuple[str, int], list[tuple[weakref.ref, int]]] = {}
+        self._views: dict[tuple[str, int], list[list]] = {}  # [weakref, version last seen]
+
+    def _bump(self, key: tuple[str, int]) -> None:
+        self._count += 1
+        self._last[key] = self._count
+
+    def now(self) -> int:
+        """The counter: exposures after this moment have larger numbers."""
+        with self._lock:
+            return self._count
 
     def note_view(self, view: torch.Tensor) -> None:
         key = storage_key(view)
         with self._lock:
-            self._recent.add(key)
-            self._views.setdefault(key, []).append((weakref.ref(view), view._version))
+            self._bump(key)
+            views = [v for v in self._views.get(key, ()) if v[0]() is not None]
+            views.append([weakref.ref(view), view._version])
+            self._views[key] = views
 
     def note_exposed(self, tensor: torch.Tensor, *, forever: bool) -> None:
         key = storage_key(tensor)
         with self._lock:
-            (self._never_trusted if forever else self._recent).add(key)
+            if forever:
+                self._never_trusted.add(key)
+            else:
+                self._bump(key)
 
-    def may_have_changed(self, key: tuple[str, int]) -> bool:
-        """Whether memory of this storage may have been written unseen since the last ``settle``."""
+    def may_have_changed(self, key: tuple[str, int], since: int) -> bool:
+        """Whether memory of this storage may have been written unseen after counter value ``since``."""
         with self._lock:
-            if key in self._recent or key in self._never_trusted:
+            if key in self._never_trusted:
                 return True
-            return any((view := ref()) is not None and view._version != seen for ref, seen in self._views.get(key, ()))
-
-    def settle(self) -> None:
-        """Start a new period: forget one-off exposures, re-base the watched views."""
-        with self._lock:
-            self._recent.clear()
-            for key, views in list(self._views.items()):
-                alive = [(ref, view._version) for ref, _ in views if (view := ref()) is not None]
-                if alive:
-                    self._views[key] = alive
-                else:
-                    del self._views[key]
+            for entry in self._views.get(key, ()):
+                view = entry[0]()
+                if view is not None and view._version != entry[1]:
+                    entry[1] = view._version  # a write through a kept .data view: an exposure now
+                    self._bump(key)
+            return self._last.get(key, 0) > since
 
 
 LOG = EscapeLog()

@@ -143,6 +143,7 @@ class StagingArea:
         self.memory_margin = memory_margin
         self._buffers: dict[str, torch.Tensor] = {}
         self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
+        self._since = 0  # escape-log counter at the last staging
         if track_changes:
             escapes.install()
 
@@ -154,7 +155,7 @@ class StagingArea:
             and previous[0] == group.identity
             and previous[1] == group.versions
             and group.storage.resizable()
-            and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()))
+            and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()), self._since)
         ):
             return previous[2]
         return None
@@ -169,6 +170,7 @@ class StagingArea:
 
     def stage(self, tensors: dict[str, torch.Tensor], *, allow_streaming: bool = True) -> StagedSnapshot:
         """Decide per group (reuse or copy), and copy the changed ones into buffers."""
+        mark = escapes.LOG.now()
         groups = group_tensors(tensors)
         staged = StagedSnapshot(groups)
         for group in groups:
@@ -185,8 +187,7 @@ class StagingArea:
             staged.staged_bytes += group.nbytes
         if any(g.device.type == "cuda" for g in changed):
             torch.cuda.synchronize()
-        if self.track_changes:
-            escapes.LOG.settle()
+        self._since = mark
         return staged
 
     def _room_for(self, groups: list[Group]) -> bool:

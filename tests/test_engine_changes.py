@@ -280,3 +280,21 @@ def test_a_tensor_over_numpy_memory_changed_through_numpy_is_saved_again(tmp_pat
     array[:10] = 3.0
     guard.save({"t": tensor}, wait=True)
     assert torch.equal(guard.load().value("t"), tensor)
+
+
+def test_two_guards_in_one_process_both_see_a_write_through_data(tmp_path):
+    """The escape log is process-wide: a save by one Guard must not hide a .data write from another."""
+    from nbguard import Guard, load
+
+    model = nn.Linear(16, 16)
+    a = Guard(tmp_path / "a", run="a", report=None)
+    b = Guard(tmp_path / "b", run="b", report=None)
+    a.save({"model": model}, wait=True)
+    b.save({"model": model}, wait=True)
+    model.weight.data.add_(1)
+    b.save({"model": model}, wait=True)
+    a.save({"model": model}, wait=True)
+    assert a.last_stats.written_bytes > 0
+    fresh = nn.Linear(16, 16)
+    load(tmp_path / "a", run="a").restore({"model": fresh})
+    assert torch.equal(fresh.weight, model.weight)

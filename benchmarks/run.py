@@ -1,0 +1,742 @@
+"""nbguard's performance benchmark: floors, nbguard, peers, frozen backbone, training overhead, memory.
+
+    python -m benchmarks.run                      # default: ~0.75 GiB of state, a few minutes
+    python -m benchmarks.run --size-gib 3         # the headline size (needs ~12 GiB of RAM)
+    python -m benchmarks.run --only floors,nbguard --repeats 5
+
+Everything is measured in one process run, on the same state, medians of ``--repeats`` repeats.
+Results: a table on stdout, ``<out>/latest.json`` and ``<out>/latest.md`` (plus a copy named after
+the size, e.g. ``size-0.75gib.json``). See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from . import floors as fl
+from . import peers
+from .floors import GiB, IoDelta, MiB, PeakRss, advance, evict_tree, rehome, state_tensors, summary, touch
+
+CASES = ("floors", "nbguard", "torch_save", "dcp", "torchsnapshot", "frozen", "training")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# -- the benchmark state -----------------------------------------------------------------------------
+def build_state(size_gib: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A stack of nn.Linear layers with Adam (exp_avg, exp_avg_sq populated by one step):
+    parameters are a third of ``size_gib``."""
+    torch.manual_seed(seed)
+    param_bytes = size_gib * GiB / 3
+    width = 4096
+    per_layer = (width * width + width) * 4
+    layers = round(param_bytes / per_layer)
+    if layers < 2:
+        layers = 2
+        width = max(64, int(math.sqrt(param_bytes / 4 / layers)) // 64 * 64)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).square().mean().backward()
+    opt.step()
+    for p in model.parameters():  # grads are not part of the state: free them
+        p.grad = None
+    return model, opt
+
+
+def nbytes_of(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _fresh(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _reset_escape_log() -> None:
+    """Forget which storages nbguard saw escape its change tracking. The peers run in the same
+    process: torchsnapshot hands the live tensors to NumPy (``.numpy()``) and torch.save / DCP call
+    ``untyped_storage()``, which make nbguard distrust those tensors (forever for NumPy) and re-copy
+    them at every save. In a session that mixes them that is nbguard's correct behaviour; here each
+    nbguard round must measure nbguard alone."""
+    from nbguard import escapes
+
+    log_ = getattr(escapes, "LOG", None)
+    for name in ("_last", "_never_trusted"):
+        getattr(log_, name, set()).clear()
+
+
+# -- nbguard -----------------------------------------------------------------------------------------
+def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
+    """One repeat: a fresh Guard in a fresh folder; first (full) save, an unchanged save, a full save
+    with reused buffers after every tensor changed, then cold restores (all, and the model only)."""
+    import nbguard
+
+    _fresh(folder)
+    _reset_escape_log()
+    guard = nbguard.Guard(folder, run="bench", keep=3, report=notes.append)
+    state = {"model": model, "opt": opt}
+    out: dict[str, Any] = {}
+
+    fl.settle()
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        handle = guard.save(state)
+        out["first_stall"] = time.perf_counter() - t0
+        handle.wait()
+        out["first_durable"] = time.perf_counter() - t0
+    handle.result()
+    st = guard.last_stats
+    out.update(first_written=st.written_bytes, first_staged=st.staged_bytes, first_peak_rss_increase=mem.increase,
+               first_durable_after=st.durable_after, first_streaming=st.streaming)
+
+    t0 = time.perf_counter()
+    handle = guard.save(state)
+    out["unchanged_stall"] = time.perf_counter() - t0
+    handle.wait()
+    out["unchanged_durable"] = time.perf_counter() - t0
+    handle.result()
+    st = guard.last_stats
+    out.update(unchanged_written=st.written_bytes, unchanged_staged=st.staged_bytes, unchanged_reused=st.reused_bytes)
+
+    advance(model, opt)
+    fl.settle()
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        handle = guard.save(state)
+        out["steady_stall"] = time.perf_counter() - t0
+        handle.wait()
+        out["steady_durable"] = time.perf_counter() - t0
+    handle.result()
+    st = guard.last_stats
+    out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=mem.increase,
+               steady_durable_after=st.durable_after)
+    guard.close()
+    del guard, handle
+    gc.collect()
+
+    # cold restore of everything into the live model + optimizer
+    evict_tree(folder)
+    with IoDelta() as io, PeakRss() as mem:
+        t0 = time.perf_counter()
+        snap = nbguard.load(folder, "latest")
+        snap.restore(state)
+        touch(model, opt)
+        out["restore"] = time.perf_counter() - t0
+    out.update(restore_read_bytes=io.read_bytes, restore_peak_rss_increase=mem.increase)
+    del snap
+    gc.collect()
+    # the first in-place update after the restore (optimizer state may sit on a copy-on-write map)
+    t0 = time.perf_counter()
+    advance(model, opt)
+    out["first_update_after_restore"] = time.perf_counter() - t0
+    rehome(opt)
+    gc.collect()
+    t0 = time.perf_counter()
+    advance(model, opt)
+    out["update_normal"] = time.perf_counter() - t0
+
+    # cold restore of the model's weights only
+    evict_tree(folder)
+    with IoDelta() as io:
+        t0 = time.perf_counter()
+        snap = nbguard.load(folder, "latest")
+        snap.restore({"model": model}, only=["model"], rng=False)
+        out["restore_model_only"] = time.perf_counter() - t0
+    out["restore_model_only_read_bytes"] = io.read_bytes
+    del snap
+    gc.collect()
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+class _NoSettle:
+    """Warm-ups (small states, code paths only) skip the settling pause."""
+
+    def __enter__(self) -> None:
+        self.saved, fl.SETTLE_MODE = fl.SETTLE_MODE, "none"
+
+    def __exit__(self, *exc: object) -> None:
+        fl.SETTLE_MODE = self.saved
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = dict.fromkeys(k for r in runs for k in r)
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [r[k] for r in runs if k in r]
+        if all(isinstance(v, bool) for v in vals):
+            out[k] = any(vals)
+        elif all(isinstance(v, (int, float)) and v is not None for v in vals):
+            out[k] = summary(vals)
+    return out
+
+
+class DcpReusedStager:
+    """DCP async_save with one DefaultStager kept between saves (its staging copies are reused);
+    warmed up at full size so that every timed save reuses them."""
+
+    def __init__(self) -> None:
+        self.stager = peers.dcp_reused_stager()
+        self.warm = False
+
+    def once(self, model, opt, folder: str) -> dict[str, Any]:
+        if not self.warm:
+            with _NoSettle():
+                peers.dcp_async_once(model, opt, _fresh(folder + "-fill"), stager=self.stager)
+            self.warm = True
+        advance(model, opt)
+        fl.settle()
+        return peers.dcp_async_once(model, opt, folder, stager=self.stager)
+
+    def warmup(self, model, opt, folder: str) -> None:
+        pass  # a small state would allocate other staging copies: the first full-size call warms up
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+def run_rounds(cases: list[tuple[str, Any]], model, opt, scratch: str, repeats: int) -> dict[str, dict[str, Any]]:
+    """Warm every case up on a small state, then run ``repeats`` rounds; each round runs every case
+    once, in an order rotated from round to round, so the drift of a shared machine (other jobs,
+    memory state) spreads over all the tools alike. Medians per case."""
+    small_model, small_opt = build_state(0.01, seed=1)
+    with _NoSettle():
+        for name, fn in cases:
+            warm = getattr(fn, "__self__", None)
+            if isinstance(warm, DcpReusedStager):
+                continue
+            fn(small_model, small_opt, _fresh(os.path.join(scratch, f"{name}-warmup")))
+            shutil.rmtree(os.path.join(scratch, f"{name}-warmup"), ignore_errors=True)
+    del small_model, small_opt
+    gc.collect()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+    for i in range(repeats):
+        shift = i % len(cases)
+        for name, fn in cases[shift:] + cases[:shift]:
+            folder = _fresh(os.path.join(scratch, f"{name}-{i}"))
+            r = fn(model, opt, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            rehome(opt, model)
+            gc.collect()
+            runs[name].append(r)
+            log(f"round {i} {name}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and not isinstance(v, bool)))
+    return {name: _aggregate(rs) for name, rs in runs.items()}
+
+
+# -- frozen backbone ---------------------------------------------------------------------------------
+def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str]) -> dict[str, Any]:
+    """95% of the parameters frozen (not in the optimizer), a 5% trainable head."""
+    import nbguard
+
+    layers_n = 20
+    width = max(64, int(math.sqrt(param_bytes / 4 / layers_n)) // 64 * 64)
+    torch.manual_seed(2)
+    layers = [torch.nn.Linear(width, width) for _ in range(layers_n)]
+    model = torch.nn.Sequential(*layers)
+    head = layers[-1]
+    for layer in layers[:-1]:
+        layer.requires_grad_(False)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    x = torch.randn(8, width)
+
+    def train_step() -> None:
+        loss = model(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    train_step()
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in head.parameters()]
+    trainable_bytes = nbytes_of(trainable) + nbytes_of(
+        v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    state_bytes = nbytes_of(model.state_dict().values()) + trainable_bytes - nbytes_of(trainable)
+    log(f"frozen backbone: {layers_n} x Linear({width}), {total_params / 1e6:.0f} M params, "
+        f"{sum(p.numel() for p in trainable) / total_params:.1%} trainable; state {state_bytes / MiB:.0f} MiB, "
+        f"trainable part {trainable_bytes / MiB:.1f} MiB")
+
+    full_dir = _fresh(os.path.join(scratch, "frozen-full"))
+    ref_dir = _fresh(os.path.join(scratch, "frozen-ref"))
+    guard = nbguard.Guard(full_dir, run="frozen", keep=2, report=notes.append)
+    ref = nbguard.Guard(ref_dir, run="ref", keep=2, report=notes.append)
+    full_state = {"model": model, "opt": opt}
+    ref_state = {"head": head, "opt": opt}
+    t0 = time.perf_counter()
+    guard.save(full_state, wait=True)
+    first = {"durable": time.perf_counter() - t0, "written": guard.last_stats.written_bytes,
+             "stall": guard.last_stats.stall}
+    ref.save(ref_state, wait=True)
+
+    rows = {"stall": [], "durable": [], "written": [], "ref_stall": [], "ref_durable": [], "ref_written": []}
+    pairs = (("", guard, full_state), ("ref_", ref, ref_state))
+    for i in range(repeats + 1):  # the first round is a warm-up
+        for which, g, st in (pairs if i % 2 else pairs[::-1]):
+            train_step()
+            gc.collect()
+            t0 = time.perf_counter()
+            h = g.save(st)
+            stall = time.perf_counter() - t0
+            h.wait()
+            durable = time.perf_counter() - t0
+            h.result()
+            if i:
+                rows[which + "stall"].append(stall)
+                rows[which + "durable"].append(durable)
+                rows[which + "written"].append(g.last_stats.written_bytes)
+    ref.close()
+
+    # a write through .data on a frozen backbone parameter, then a third snapshot
+    target = layers[0].weight
+    target.data.add_(1)
+    t0 = time.perf_counter()
+    h = guard.save(full_state)
+    data_stall = time.perf_counter() - t0
+    h.wait()
+    h.result()
+    data_written = guard.last_stats.written_bytes
+    guard.close()
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    nbguard.load(full_dir, "latest").restore({"model": fresh}, only=["model"], rng=False)
+    restored_ok = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+    detected = restored_ok and data_written >= target.numel() * target.element_size()
+    log(f"frozen backbone: change through .data {'DETECTED' if detected else 'NOT DETECTED'} "
+        f"(third snapshot wrote {data_written / MiB:.1f} MiB; restored model equals live: {restored_ok})")
+    del fresh
+    shutil.rmtree(full_dir, ignore_errors=True)
+    shutil.rmtree(ref_dir, ignore_errors=True)
+
+    out = {k: summary(v) for k, v in rows.items()}
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    out.update(
+        width=width, layers=layers_n, params=total_params, state_bytes=state_bytes, trainable_bytes=trainable_bytes,
+        first=first, data_change_detected=detected, data_change_restored_equal=restored_ok,
+        data_change_written=data_written, data_change_stall=data_stall,
+        stall_ratio=statistics.median(a / b for a, b in zip(rows["stall"], rows["ref_stall"], strict=True)),
+        stall_ratio_of_medians=med["stall"] / med["ref_stall"],
+        bytes_ratio=med["written"] / trainable_bytes,
+        bytes_ratio_vs_ref_written=med["written"] / med["ref_written"],
+    )
+    return out
+
+
+# -- machine and reporting ---------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / GiB, 1),
+        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import nbguard
+
+        info["nbguard"] = nbguard.__version__
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                            text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "nbguard"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        info["nbguard_tree_dirty"] = bool(dirty)
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def _med(d: dict | None, key: str) -> float | None:
+    if not d or key not in d:
+        return None
+    v = d[key]
+    return v["median"] if isinstance(v, dict) else v
+
+
+def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, as (figure, limit, ratio, PASS/MISS)."""
+    f, n, p, fr, tr = r.get("floors"), r.get("nbguard"), r.get("peers", {}), r.get("frozen"), r.get("training")
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, detail: str, kind: str = "le") -> None:
+        if value is None:
+            targets.append({"target": name, "value": None, "limit": limit, "status": "n/a", "detail": detail})
+            return
+        ok = value <= limit if kind == "le" else value < limit
+        targets.append({"target": name, "value": value, "limit": limit, "status": "PASS" if ok else "MISS",
+                        "detail": detail})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def best(*vals: float | None) -> float | None:
+        vals = [v for v in vals if v is not None]
+        return min(vals) if vals else None
+
+    copy_floor, write_floor, read_floor = _med(f, "copy_prealloc"), _med(f, "write_fsync"), _med(f, "read_cold")
+    steady_stall, first_stall = _med(n, "steady_stall"), _med(n, "first_stall")
+    add("stall ≤ 1.3× preallocated-copy floor (steady save, buffers reused)", ratio(steady_stall, copy_floor), 1.3,
+        "nbguard steady-state full save stall / copy_ into preallocated tensors")
+    add("stall ≤ 1.3× preallocated-copy floor (first save of a session, info)", ratio(first_stall, copy_floor), 1.3,
+        "first save allocates its staging buffers (page faults): compare with the clone floor too")
+    dcp_async = best(_med(p.get("dcp_async"), "stall"), _med(p.get("dcp_async_reused_stager"), "stall"))
+    add("stall < DCP async_save stall (best DCP variant)", ratio(steady_stall, dcp_async), 1.0,
+        "nbguard steady stall / min(DCP async_save default stager, reused stager)", kind="lt")
+    add("first-save stall < DCP async_save stall (default stager)", ratio(first_stall, _med(p.get("dcp_async"), "stall")),
+        1.0, "both allocate fresh staging memory", kind="lt")
+    steady_durable, first_durable = _med(n, "steady_durable"), _med(n, "first_durable")
+    add("until durable ≤ 1.3× write+fsync floor (steady save)", ratio(steady_durable, write_floor), 1.3,
+        "save() → handle.wait() / write+fsync of the same bytes")
+    add("until durable ≤ 1.3× write+fsync floor (first save, info)", ratio(first_durable, write_floor), 1.3, "")
+    for peer, label in (("torch_save", "torch.save+fsync"), ("dcp_save", "DCP save"), ("dcp_async", "DCP async_save"),
+                        ("dcp_async_reused_stager", "DCP async_save (reused stager)"),
+                        ("torchsnapshot", "torchsnapshot async_take (+fsync)")):
+        add(f"until durable < {label}", ratio(steady_durable, _med(p.get(peer), "durable")), 1.0,
+            "nbguard steady full save until durable / peer's", kind="lt")
+    peer_best = best(*(_med(p.get(k), "durable") for k in p))
+    add("until durable, first save < fastest peer (info)", ratio(first_durable, peer_best), 1.0,
+        "the first save of a session also allocates its staging buffers", kind="lt")
+    restore = _med(n, "restore")
+    add("restore cold ≤ 1.3× cold-read floor", ratio(restore, read_floor), 1.3,
+        "nbguard load+restore into live model+optimizer / cold read of the same bytes")
+    for peer, key, label in (("torch_save", "restore", "torch.load"), ("torch_save", "restore_mmap", "torch.load(mmap=True)"),
+                             ("torchsnapshot", "restore", "torchsnapshot restore")):
+        add(f"restore cold < {label}", ratio(restore, _med(p.get(peer), key)), 1.0, "", kind="lt")
+    if fr:
+        add("frozen backbone: stall ≤ 1.1× trainable-only", fr["stall_ratio"], 1.1,
+            "nbguard save of the whole model / nbguard save of the head + optimizer only")
+        add("frozen backbone: bytes written ≤ 1.1× trainable part", fr["bytes_ratio"], 1.1,
+            "written / (trainable params + their Adam state)")
+        add("frozen backbone: write through .data detected", 0.0 if fr["data_change_detected"] else 1.0, 0.5,
+            "restored model equals the live one after backbone.weight.data.add_(1)")
+    if tr:
+        per_save = tr.get("loss_per_save_s")
+        floor_time = (tr["written_per_save"] / (r["state_bytes"] / write_floor)) if write_floor and tr.get(
+            "written_per_save") else None
+        add("overhead per save ≤ 1.5× durable write of the changed bytes", ratio(per_save, floor_time), 1.5,
+            "training time lost per save / (bytes written per save ÷ write+fsync floor bandwidth)")
+        direct = _med(f, "write_direct")
+        direct_time = tr["written_per_save"] / (r["state_bytes"] / direct) if direct and tr.get("written_per_save") else None
+        add("overhead per save ≤ 1.5× O_DIRECT write of the changed bytes (info)", ratio(per_save, direct_time), 1.5,
+            "the same against the device floor (no page cache)")
+    if n:
+        add("peak RSS increase during a save ≤ 1× state (one staged copy)",
+            ratio(_med(n, "first_peak_rss_increase"), r["state_bytes"]), 1.1,
+            "VmHWM after − VmRSS before, first save of a fresh Guard (allocates the staging buffers); limit 1.1 for slack")
+    return targets
+
+
+def _fmt_s(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v * 1e3:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _fmt_b(v: float | None) -> str:
+    if v is None:
+        return "—"
+    if abs(v) >= GiB:
+        return f"{v / GiB:.2f} GiB"
+    if abs(v) >= MiB:
+        return f"{v / MiB:.1f} MiB"
+    return f"{v:.0f} B"
+
+
+def _rate(nbytes: float, seconds: float | None) -> str:
+    return f"{nbytes / GiB / seconds:.2f} GiB/s" if seconds else "—"
+
+
+def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, time/size, rate, note) rows of the main table."""
+    size = r["state_bytes"]
+    f, n, p = r.get("floors"), r.get("nbguard"), r.get("peers", {})
+    rows: list[tuple[str, str, str, str]] = []
+    if f:
+        rows += [
+            ("floor: copy_ into preallocated", _fmt_s(_med(f, "copy_prealloc")), _rate(size, _med(f, "copy_prealloc")), ""),
+            ("floor: clone into fresh memory", _fmt_s(_med(f, "clone")), _rate(size, _med(f, "clone")), ""),
+            ("floor: write + fsync", _fmt_s(_med(f, "write_fsync")), _rate(size, _med(f, "write_fsync")),
+             "new file, after priming (see README)"),
+            ("  write O_DIRECT + fsync (device)", _fmt_s(_med(f, "write_direct")), _rate(size, _med(f, "write_direct")),
+             "context: no page cache"),
+            ("  write, chunked writeback + DONTNEED", _fmt_s(_med(f, "write_chunked_writeback")),
+             _rate(size, _med(f, "write_chunked_writeback")), "context: page cache recycled per 64 MiB"),
+            ("  write + fsync, unprimed (3 s pause)", _fmt_s(_med(f, "write_fsync_unprimed")),
+             _rate(size, _med(f, "write_fsync_unprimed")), "context: VM worst case, pages back from the host"),
+            ("floor: cold read (fadvise DONTNEED)", _fmt_s(_med(f, "read_cold")), _rate(size, _med(f, "read_cold")),
+             f"evicted: {f['eviction_verified']}"),
+            ("floor: warm read", _fmt_s(_med(f, "read_warm")), _rate(size, _med(f, "read_warm")), ""),
+            ("hash xxh3_128 / sha256 / md5", "", " / ".join(f"{v:.1f}" for v in f["hash_gib_s"].values()) + " GiB/s",
+             "256 MiB"),
+        ]
+    if n:
+        rows += [
+            ("nbguard stall, first save (fresh buffers)", _fmt_s(_med(n, "first_stall")), _rate(size, _med(n, "first_stall")), ""),
+            ("nbguard stall, steady full save", _fmt_s(_med(n, "steady_stall")), _rate(size, _med(n, "steady_stall")),
+             "all tensors changed, buffers reused"),
+            ("nbguard until durable, first save", _fmt_s(_med(n, "first_durable")), _rate(size, _med(n, "first_durable")),
+             f"wrote {_fmt_b(_med(n, 'first_written'))}"),
+            ("nbguard until durable, steady full save", _fmt_s(_med(n, "steady_durable")), _rate(size, _med(n, "steady_durable")),
+             f"wrote {_fmt_b(_med(n, 'steady_written'))}"),
+            ("nbguard unchanged save: stall / durable", f"{_fmt_s(_med(n, 'unchanged_stall'))} / {_fmt_s(_med(n, 'unchanged_durable'))}",
+             "", f"wrote {_fmt_b(_med(n, 'unchanged_written'))}"),
+            ("nbguard restore cold (model+opt)", _fmt_s(_med(n, "restore")), _rate(size, _med(n, "restore")),
+             f"read {_fmt_b(_med(n, 'restore_read_bytes'))}"),
+            ("nbguard restore cold, model only", _fmt_s(_med(n, "restore_model_only")), "",
+             f"read {_fmt_b(_med(n, 'restore_model_only_read_bytes'))} of {_fmt_b(r['model_bytes'])} model"),
+            ("first optimizer-style update after restore", _fmt_s(_med(n, "first_update_after_restore")), "",
+             f"normal: {_fmt_s(_med(n, 'update_normal'))}"),
+            ("peak RSS increase: first save / steady save", f"{_fmt_b(_med(n, 'first_peak_rss_increase'))} / "
+             f"{_fmt_b(_med(n, 'steady_peak_rss_increase'))}", "", f"state {_fmt_b(size)}"),
+            ("peak RSS increase: restore", _fmt_b(_med(n, "restore_peak_rss_increase")), "", "file pages mapped included"),
+        ]
+    labels = {"torch_save": "torch.save + fsync", "dcp_save": "DCP save", "dcp_async": "DCP async_save",
+              "dcp_async_reused_stager": "DCP async_save, reused stager",
+              "torchsnapshot": "torchsnapshot async_take"}
+    for key, label in labels.items():
+        d = p.get(key)
+        if not d:
+            continue
+        rows.append((f"{label}: stall", _fmt_s(_med(d, "stall")), _rate(size, _med(d, "stall")),
+                     f"peak RSS +{_fmt_b(_med(d, 'peak_rss_increase'))}"))
+        note = f"wrote {_fmt_b(_med(d, 'written'))}"
+        if key == "torchsnapshot":
+            note += f"; wait() {_fmt_s(_med(d, 'wait'))} + fsync of its files"
+        rows.append((f"{label}: until durable", _fmt_s(_med(d, "durable")), _rate(size, _med(d, "durable")), note))
+        if _med(d, "restore") is not None:
+            rows.append((f"{label}: restore cold", _fmt_s(_med(d, "restore")), _rate(size, _med(d, "restore")),
+                         f"read {_fmt_b(_med(d, 'restore_read_bytes'))}"))
+        if _med(d, "restore_mmap") is not None:
+            rows.append((f"{label}: restore cold, torch.load(mmap=True)", _fmt_s(_med(d, "restore_mmap")),
+                         _rate(size, _med(d, "restore_mmap")), f"read {_fmt_b(_med(d, 'restore_mmap_read_bytes'))}"))
+            rows.append((f"{label}: first update after torch.load / mmap=True",
+                         f"{_fmt_s(_med(d, 'restore_first_update'))} / {_fmt_s(_med(d, 'restore_mmap_first_update'))}",
+                         "", ""))
+    if "torchsnapshot_status" in r and not p.get("torchsnapshot"):
+        rows.append(("torchsnapshot", "", "", r["torchsnapshot_status"]))
+    fr = r.get("frozen")
+    if fr:
+        rows += [
+            ("frozen 95%: nbguard stall / head-only stall", f"{_fmt_s(_med(fr, 'stall'))} / {_fmt_s(_med(fr, 'ref_stall'))}",
+             f"×{fr['stall_ratio']:.2f}", f"median of paired ratios; state {_fmt_b(fr['state_bytes'])}"),
+            ("frozen 95%: written / trainable part", f"{_fmt_b(_med(fr, 'written'))} / {_fmt_b(fr['trainable_bytes'])}",
+             f"×{fr['bytes_ratio']:.2f}", f"first full save wrote {_fmt_b(fr['first']['written'])}"),
+            ("frozen 95%: backbone .data.add_(1) detected", "yes" if fr["data_change_detected"] else "NO", "",
+             f"third save wrote {_fmt_b(fr['data_change_written'])}"),
+        ]
+    tr = r.get("training")
+    if tr:
+        rows += [
+            ("training: baseline / guarded steps/s", f"{tr['baseline_steps_per_s']:.2f} / {tr['guarded_steps_per_s']:.2f}",
+             "", f"{tr['model']}, {_fmt_b(tr['state_bytes'])} state, {tr['step_s'] * 1e3:.0f} ms/step"),
+            ("training: lost throughput @30 s (measured)", f"{tr['lost_throughput_30s_measured']:.2%}", "",
+             "per pair: " + ", ".join(f"{x:.1%}" for x in tr["lost_throughput_30s_per_pair"])),
+            (f"training: lost throughput @{tr['dense_every_s']:g} s (measured)", f"{tr['lost_throughput_dense_measured']:.2%}",
+             "", f"derived from the per-save loss: {tr['lost_throughput_dense_derived']:.2%}"),
+            ("training: loss per save (measured)", _fmt_s(tr["loss_per_save_s"]), "",
+             f"median of {tr['saves_measured']} saves; wrote {_fmt_b(tr['written_per_save'])} per save"),
+            ("training: lost throughput @30 s (derived)", f"{tr['lost_throughput_30s_derived']:.3%}", "", "loss per save / 30 s"),
+            ("training: lost throughput @5 min (DERIVED)", f"{tr['lost_throughput_5min_derived']:.3%}", "",
+             "measured loss per save / 300 s (not run for real)"),
+        ]
+    return rows
+
+
+def render_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(r: dict[str, Any], rows, targets) -> str:
+    m = r["machine"]
+    out = [f"# nbguard benchmark — {_fmt_b(r['state_bytes'])} of state", "",
+           f"`{r['command']}`", "",
+           f"- machine: {m['platform']}; {m['cpu']}; {m['cores']} cores; {m['ram_gib']} GiB RAM",
+           f"- torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}, nbguard {m.get('nbguard')} "
+           f"(commit {m.get('git_commit')}{', nbguard/ modified' if m.get('nbguard_tree_dirty') else ''})",
+           f"- conditioning before timed writes: {r['settle']}",
+           f"- date: {m['date']}; repeats: {r['repeats']} (medians); run took {r['elapsed_s']:.0f} s; load average "
+           f"at start {r['loadavg_start'][0]:.1f}, at end {r['loadavg_end'][0]:.1f} (shared machine: other work "
+           "competes for the 2 cores)",
+           f"- state: {r['layers']} × Linear({r['width']}) + Adam: {_fmt_b(r['state_bytes'])} "
+           f"({r['tensors']} tensors), model weights {_fmt_b(r['model_bytes'])}", "",
+           "## Targets", "", "| target | ratio | limit | result |", "|---|---|---|---|"]
+    for t in targets:
+        v = "—" if t["value"] is None else f"{t['value']:.2f}"
+        out.append(f"| {t['target']} | {v} | {t['limit']} | {t['status']} |")
+    out += ["", "## Figures", "", "| figure | time / size | rate | note |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if r.get("errors"):
+        out += ["", "## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in r["errors"].items()]
+    if r.get("notes"):
+        out += ["", "## nbguard messages during the run", ""] + [f"- {n}" for n in sorted(set(r["notes"]))]
+    out += ["", "See benchmarks/README.md for how each figure is measured."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=0.75, help="total state size (params + Adam state)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--only", default=",".join(CASES), help="comma-separated: " + ",".join(CASES))
+    parser.add_argument("--settle", choices=("prime", "sleep", "none"), default=fl.SETTLE_MODE,
+                        help="conditioning before each timed save/write/allocation (see floors.SETTLE_MODE)")
+    parser.add_argument("--settle-s", type=float, default=fl.SETTLE_S, help="pause for --settle sleep")
+    parser.add_argument("--train-segment-s", type=float, default=30.0)
+    parser.add_argument("--train-pairs", type=int, default=2)
+    parser.add_argument("--train-cadence-s", type=float, default=30.0)
+    parser.add_argument("--train-dense-s", type=float, default=20.0,
+                        help="length of each segment of the dense pair (a save every --train-dense-every-s)")
+    parser.add_argument("--train-dense-every-s", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    only = {c.strip() for c in args.only.split(",") if c.strip()}
+    unknown = only - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+
+    fl.SETTLE_MODE, fl.SETTLE_S = args.settle, args.settle_s
+    started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    scratch = os.path.join(args.out, f".scratch-{os.getpid()}")
+    os.makedirs(scratch, exist_ok=True)
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    r: dict[str, Any] = {"command": command.strip(), "machine": machine_info(), "repeats": args.repeats,
+                         "size_gib": args.size_gib, "cases": sorted(only), "peers": {}, "errors": {}, "notes": []}
+    r["loadavg_start"] = os.getloadavg()
+    log(f"nbguard benchmark: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['ram_gib']} GiB, "
+        f"torch {torch.__version__}")
+
+    model, opt = build_state(args.size_gib)
+    tensors = state_tensors(model, opt)
+    fl.PRIME_DIR = scratch
+    fl.PRIME_BYTES = 2 * nbytes_of(tensors) + 256 * MiB
+    r.update(settle=args.settle, prime_bytes=fl.PRIME_BYTES, state_bytes=nbytes_of(tensors), model_bytes=nbytes_of(model.state_dict().values()), tensors=len(tensors),
+             layers=len(model), width=model[0].in_features)
+    del tensors
+    log(f"state: {len(model)} x Linear({model[0].in_features}) + Adam = {r['state_bytes'] / GiB:.2f} GiB "
+        f"in {r['tensors']} tensors")
+
+    def attempt(name: str, fn, *a, **k):
+        try:
+            return fn(*a, **k)
+        except Exception:  # noqa: BLE001 - one failing case must not lose the others
+            r["errors"][name] = traceback.format_exc()
+            log(f"{name} FAILED:\n{r['errors'][name]}")
+            return None
+        finally:
+            gc.collect()
+
+    floors = dcp_reused = None
+    try:
+        cases: list[tuple[str, Any]] = []
+        if "floors" in only:
+            floors = fl.Floors()
+            cases.append(("floors", floors.once))
+            r["hash_gib_s"] = attempt("hashing", fl.hash_speeds, args.repeats)
+        if "nbguard" in only:
+            cases.append(("nbguard", functools.partial(nbguard_once, notes=r["notes"])))
+        if "torch_save" in only:
+            cases.append(("torch_save", peers.torch_save_once))
+        if "dcp" in only:
+            dcp_reused = DcpReusedStager()
+            cases += [("dcp_save", peers.dcp_save_once), ("dcp_async", peers.dcp_async_once),
+                      ("dcp_async_reused_stager", dcp_reused.once)]
+        if "torchsnapshot" in only:
+            ok, status = peers.torchsnapshot_status()
+            r["torchsnapshot_status"] = f"torchsnapshot {status}" if ok else status
+            if ok:
+                cases.append(("torchsnapshot", peers.torchsnapshot_once))
+            else:
+                log(status)
+        results = attempt("rounds", run_rounds, cases, model, opt, scratch, args.repeats) or {}
+        if floors is not None:
+            floors.close()
+        if dcp_reused is not None:
+            dcp_reused.close()
+        r["floors"] = results.get("floors")
+        if r["floors"]:
+            r["floors"]["eviction_verified"] = r["floors"]["read_cold_read_bytes"]["min"] >= 0.99 * r["state_bytes"]
+            r["floors"]["hash_gib_s"] = r.get("hash_gib_s") or {}
+        r["nbguard"] = results.get("nbguard")
+        r["peers"] = {k: v for k, v in results.items() if k not in ("floors", "nbguard")}
+        r["peers"] = {k: v for k, v in r["peers"].items() if v}
+        param_bytes = r["model_bytes"]
+        del model, opt
+        gc.collect()
+        if "frozen" in only:
+            r["frozen"] = attempt("frozen", run_frozen, param_bytes, scratch, max(11, args.repeats), r["notes"])
+        if "training" in only:
+            from .training import run_training
+
+            r["training"] = attempt("training", run_training, os.path.join(scratch, "training"),
+                                    segment_s=args.train_segment_s, pairs=args.train_pairs,
+                                    cadence_s=args.train_cadence_s, dense_s=args.train_dense_s,
+                                    dense_every_s=args.train_dense_every_s, log=log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    r["elapsed_s"] = time.perf_counter() - started
+    r["loadavg_end"] = os.getloadavg()
+    r["cpu_s"] = sum(os.times()[:2])
+    rows = figure_rows(r)
+    targets = build_targets(r)
+    r["targets"] = targets
+    print()
+    print(render_table(rows, ("figure", "time / size", "rate", "note")))
+    print()
+    print(render_table([(t["target"], "—" if t["value"] is None else f"{t['value']:.2f}", str(t["limit"]), t["status"])
+                        for t in targets], ("target", "ratio", "limit", "result")))
+    md = render_markdown(r, rows, targets)
+    tag = f"size-{args.size_gib:g}gib"
+    for name in ("latest", tag):
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(r, f, indent=1, default=str)
+        with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+            f.write(md)
+    log(f"\nwrote {os.path.join(args.out, 'latest.json')} and latest.md ({tag}.*) in {r['elapsed_s']:.0f} s")
+    return 1 if r["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
