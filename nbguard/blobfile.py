@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from .errors import CorruptSnapshotError
+from .jsonsafe import no_duplicate_keys
 
 # safetensors' dtype codes. Dtypes missing here are stored as raw bytes ("U8") and their torch
 # dtype is recorded in the manifest, so every dtype round-trips.
@@ -116,15 +117,6 @@ def blob_path(name: str) -> str:
     return f"blobs/{name[:2]}/{name}{BLOB_SUFFIX}"
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CorruptSnapshotError(f"duplicate key {key!r} in a blob header")
-        out[key] = value
-    return out
-
-
 @dataclass(frozen=True)
 class BlobHeader:
     """A parsed and validated blob header."""
@@ -146,7 +138,7 @@ def parse_header(data: memoryview | bytes, *, expected_name: str | None = None) 
     if expected_name is not None and blob_name(header_bytes) != expected_name:
         raise CorruptSnapshotError(f"blob {expected_name[:12]}… does not match its name (damaged header)")
     try:
-        header = json.loads(header_bytes[8:], object_pairs_hook=_reject_duplicates)
+        header = json.loads(header_bytes[8:], object_pairs_hook=no_duplicate_keys("a blob header"))
     except (ValueError, RecursionError) as exc:
         raise CorruptSnapshotError(f"blob header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):

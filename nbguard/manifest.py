@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CorruptSnapshotError, SnapshotError, UsageError
+from .jsonsafe import no_duplicate_keys
 
 FORMAT = "nbguard.snapshot"
 VERSION = 1
@@ -96,15 +97,6 @@ def _depth_checked(value: Any, depth: int = 0) -> None:
             _depth_checked(v, depth + 1)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CorruptSnapshotError(f"duplicate key {key!r} in manifest")
-        out[key] = value
-    return out
-
-
 def _reject_constant(name: str) -> None:
     raise CorruptSnapshotError(f"manifest contains {name}, which JSON does not allow")
 
@@ -114,7 +106,7 @@ def parse_manifest(data: bytes, *, where: str = "manifest") -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise CorruptSnapshotError(f"{where} is implausibly large ({len(data)} bytes)")
     try:
-        manifest = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        manifest = json.loads(data, object_pairs_hook=no_duplicate_keys("manifest"), parse_constant=_reject_constant)
     except RecursionError as exc:
         raise CorruptSnapshotError(f"{where} is nested too deeply") from exc
     except ValueError as exc:
