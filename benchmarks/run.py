@@ -81,7 +81,7 @@ def _reset_escape_log() -> None:
     from nbguard import escapes
 
     log_ = getattr(escapes, "LOG", None)
-    for name in ("_last", "_never_trusted"):
+    for name in ("_last", "_never_trusted", "_numpy"):
         getattr(log_, name, set()).clear()
 
 

@@ -47,6 +47,8 @@ ITEMSIZE = {code: torch.empty((), dtype=dtype).element_size() for dtype, code in
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HASH_CHUNK = 64 * 1024 * 1024
+# The data section starts on a 4 KiB boundary, so it can be written and read with direct I/O.
+HEADER_ALIGN = 4096
 BLOB_SUFFIX = ".safetensors"
 
 
@@ -103,7 +105,7 @@ def build_header(items: Sequence[tuple[str, str, tuple[int, ...], int, str]]) ->
         offset += nbytes
     header["__metadata__"] = {"format": "pt", "nbguard.hashes": json.dumps({e.name: e.hash for e in entries})}
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(len(text) + 8) % 8)
+    text += b" " * (-(len(text) + 8) % HEADER_ALIGN)  # safetensors allows padding the header with spaces
     return struct.pack("<Q", len(text)) + text, entries
 
 
@@ -129,12 +131,77 @@ class BlobHeader:
 def parse_header(data: memoryview | bytes, *, expected_name: str | None = None) -> BlobHeader:
     """Validate and parse a blob's header; checks the blob's name when ``expected_name`` is given."""
     view = memoryview(data).cast("B")
-    if len(view) < 8:
+    return parse_header_bytes(view[:8 + _header_length(view[:8], len(view))], len(view), expected_name=expected_name)
+
+
+def read_header(reader, *, expected_name: str | None = None) -> BlobHeader:
+    """``parse_header`` for a blob read through a ``FileReader``-like object (reads the header only)."""
+    length = _header_length(reader.pread(0, 8), reader.size)
+    header_bytes = reader.pread(0, 8 + length)
+    if len(header_bytes) != 8 + length:
+        raise CorruptSnapshotError("blob header is truncated")
+    return parse_header_bytes(header_bytes, reader.size, expected_name=expected_name)
+
+
+class BufferReader:
+    """``FileReader``'s reading methods over a blob already in memory (stores without ``open_reader``)."""
+
+    def __init__(self, data: memoryview | bytes):
+        self._view = memoryview(data).cast("B")
+        self.size = len(self._view)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self._view[offset:offset + length])
+
+    def _range(self, offset: int, nbytes: int) -> memoryview:
+        raw = self._view[offset:offset + nbytes]
+        if len(raw) != nbytes:
+            raise CorruptSnapshotError("blob is truncated (shorter than its header says)")
+        return raw
+
+    def read_entry(self, offset: int, nbytes: int, hasher, progress=None) -> torch.Tensor:
+        from .directio import byte_view
+
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            raw, dest = self._range(offset, nbytes), byte_view(out)
+            for start in range(0, nbytes, HASH_CHUNK):
+                piece = raw[start:start + HASH_CHUNK]
+                dest[start:start + len(piece)] = piece
+                hasher.update(piece)
+                if progress:
+                    progress(len(piece))
+        return out
+
+    def hash_range(self, offset: int, nbytes: int, hasher) -> None:
+        raw = self._range(offset, nbytes)
+        for start in range(0, nbytes, HASH_CHUNK):
+            hasher.update(raw[start:start + HASH_CHUNK])
+
+    def close(self) -> None:
+        self._view = memoryview(b"")
+
+
+def open_reader(store, path: str):
+    """A reader for one blob: positional file reads where the store offers them, else its bytes."""
+    opener = getattr(store, "open_reader", None)
+    return opener(path) if opener is not None else BufferReader(store.open_blob(path))
+
+
+def _header_length(prefix: memoryview | bytes, file_size: int) -> int:
+    if len(prefix) < 8:
         raise CorruptSnapshotError("blob is truncated (shorter than its header length field)")
-    (length,) = struct.unpack("<Q", view[:8])
-    if length > MAX_HEADER_BYTES or 8 + length > len(view):
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
         raise CorruptSnapshotError("blob header is truncated or declares an absurd size")
-    header_bytes = bytes(view[: 8 + length])
+    return length
+
+
+def parse_header_bytes(header_bytes: memoryview | bytes, file_size: int, *,
+                       expected_name: str | None = None) -> BlobHeader:
+    """Validate and parse a blob's header (length field included) for a file of ``file_size`` bytes."""
+    header_bytes = bytes(header_bytes)
+    length = len(header_bytes) - 8
     if expected_name is not None and blob_name(header_bytes) != expected_name:
         raise CorruptSnapshotError(f"blob {expected_name[:12]}… does not match its name (damaged header)")
     try:
@@ -150,7 +217,7 @@ def parse_header(data: memoryview | bytes, *, expected_name: str | None = None) 
         hashes = None
     if not isinstance(hashes, dict):
         raise CorruptSnapshotError("blob header has no nbguard hashes (not an nbguard blob)")
-    data_len = len(view) - 8 - length
+    data_len = file_size - 8 - length
     entries: dict[str, Entry] = {}
     spans = []
     for name, spec in header.items():
@@ -202,3 +269,45 @@ def blob_chunks(header: bytes, buffers: Sequence[memoryview]) -> Iterator[memory
     """The byte chunks of a blob file in order: header, then each entry's buffer."""
     yield memoryview(header)
     yield from buffers
+
+
+Item = tuple[str, str, tuple[int, ...], memoryview, "str | None"]  # name, dtype code, shape, bytes, hash if known
+
+
+def write_blob(store, items: Sequence[Item]) -> tuple[str, list[Entry], int]:
+    """Write one blob of ``items``; returns its name, its entries and the bytes written.
+
+    Stores that can write a file's front last (``write_with_header``) get the data streamed: each
+    16 MiB piece is hashed while it is in the CPU cache and handed to the disk, and the header (which
+    lists the hashes) is written at the end. Other stores get the hashes computed first."""
+    views = {name: view for name, _, _, view, _ in items}
+    streamed = getattr(store, "write_with_header", None)
+    if streamed is None or all(digest is not None for *_, digest in items):
+        header, layout = build_header([(n, c, s, v.nbytes, d or hash_bytes(v)) for n, c, s, v, d in items])
+        name = blob_name(header)
+        store.write(blob_path(name), blob_chunks(header, [views[e.name] for e in layout]))
+        return name, layout, len(header) + sum(v.nbytes for v in views.values())
+    from .directio import PIECE
+
+    placeholder, layout = build_header([(n, c, s, v.nbytes, "0" * 32) for n, c, s, v, _ in items])
+    digests: dict[str, str] = {}
+
+    def pieces() -> Iterator[memoryview]:
+        for entry in layout:
+            view = views[entry.name]
+            hasher = xxhash.xxh3_128()
+            for start in range(0, view.nbytes, PIECE):
+                piece = view[start:start + PIECE]
+                hasher.update(piece)
+                yield piece
+            digests[entry.name] = hasher.hexdigest()
+
+    final: list[tuple[bytes, list[Entry]]] = []
+
+    def finish() -> tuple[str, bytes]:
+        final.append(build_header([(n, c, s, v.nbytes, digests[n]) for n, c, s, v, _ in items]))
+        return blob_path(blob_name(final[0][0])), final[0][0]
+
+    streamed(len(placeholder), pieces(), finish)
+    header, layout = final[0]
+    return blob_name(header), layout, len(header) + sum(v.nbytes for v in views.values())

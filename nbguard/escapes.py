@@ -5,7 +5,8 @@ bumps ``tensor._version``, which nbguard compares between saves to skip unchange
 doors bypass that counter: ``p.data`` (a new tensor with its own counter over the same memory),
 ``.numpy()`` / ``__array__``, ``untyped_storage()`` and DLPack. While change tracking is on, these
 doors are wrapped so that the storage they expose is marked: a ``.data`` view is kept (weakly)
-and its own counter is watched; memory handed to NumPy or DLPack is never trusted again.
+and its own counter is watched; memory handed to NumPy is not trusted while any array over it lives
+(every view of such an array keeps the array's base alive: that is what is watched), and memory handed to DLPack is never trusted again.
 
 Not seen: writes through a raw pointer (``data_ptr()`` with ctypes or a C extension) or through an
 ``untyped_storage()`` object kept across two snapshots. The README lists these limits.
@@ -37,10 +38,11 @@ class EscapeLog:
     other."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # weakref callbacks may run inside a locked section
         self._count = 0
         self._last: dict[tuple[str, int], int] = {}
         self._never_trusted: set[tuple[str, int]] = set()
+        self._numpy: dict[tuple[str, int], list[weakref.ref]] = {}  # tensors that handed memory to NumPy
         self._views: dict[tuple[str, int], list[list]] = {}  # [weakref, version last seen]
 
     def _bump(self, key: tuple[str, int]) -> None:
@@ -60,18 +62,37 @@ class EscapeLog:
             views.append([weakref.ref(view), view._version])
             self._views[key] = views
 
-    def note_exposed(self, tensor: torch.Tensor, *, forever: bool) -> None:
+    def note_exposed(self, tensor: torch.Tensor, *, forever: bool = False, array: object = None) -> None:
         key = storage_key(tensor)
         with self._lock:
             if forever:
                 self._never_trusted.add(key)
+            elif array is not None:
+                owner = getattr(array, "base", None)
+                try:
+                    # When the last array goes, that moment counts as an exposure: it may have written just before.
+                    ref = weakref.ref(owner if owner is not None else array, lambda _ref, key=key: self._gone(key))
+                    self._numpy.setdefault(key, []).append(ref)
+                except TypeError:  # not weakly referenceable: distrust for good
+                    self._never_trusted.add(key)
             else:
                 self._bump(key)
+
+    def _gone(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._bump(key)
+            refs = [ref for ref in self._numpy.get(key, ()) if ref() is not None]
+            if refs:
+                self._numpy[key] = refs
+            else:
+                self._numpy.pop(key, None)
 
     def may_have_changed(self, key: tuple[str, int], since: int) -> bool:
         """Whether memory of this storage may have been written unseen after counter value ``since``."""
         with self._lock:
             if key in self._never_trusted:
+                return True
+            if any(ref() is not None for ref in self._numpy.get(key, ())):
                 return True
             for entry in self._views.get(key, ()):
                 view = entry[0]()
@@ -106,12 +127,14 @@ def install() -> None:
             _data.__set__(self, value)
 
         def numpy(self: torch.Tensor, *args, **kwargs):
-            LOG.note_exposed(self, forever=True)
-            return original_numpy(self, *args, **kwargs)
+            result = original_numpy(self, *args, **kwargs)
+            LOG.note_exposed(self, array=result)
+            return result
 
         def array(self: torch.Tensor, *args, **kwargs):
-            LOG.note_exposed(self, forever=True)
-            return original_array(self, *args, **kwargs)
+            result = original_array(self, *args, **kwargs)
+            LOG.note_exposed(self, array=result)
+            return result
 
         def untyped_storage(self: torch.Tensor):
             LOG.note_exposed(self, forever=False)

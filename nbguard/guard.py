@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .blobfile import blob_chunks, blob_name, blob_path, build_header, hash_bytes
+from .blobfile import Item, hash_bytes, write_blob
 from .capture import capture
 from .catalog import Catalog
 from .codec import encode
@@ -48,7 +48,7 @@ from .manifest import (
 from .manifest import writer_id as new_writer_id
 from .retention import Policy
 from .snapshot import RestoreReport, Snapshot
-from .staging import Group, StagedSnapshot, StagingArea, StoredEntry
+from .staging import StagedSnapshot, StagingArea, StoredEntry
 from .store import Store
 from .writer import SaveHandle, Writer
 
@@ -209,28 +209,27 @@ class Guard:
 
     def _write_blob(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], int]:
         entries: dict[str, StoredEntry] = {}
-        new: list[tuple[Group, str, memoryview]] = []
+        new: list[Item] = []
         for group in staged.groups:
             if group.reuse is not None:
                 entries[group.key] = group.reuse
                 continue
-            view = memoryview(raw_numpy(group.buffer)) if group.nbytes else memoryview(b"")
-            digest = hash_bytes(view)
+            view = memoryview(raw_numpy(group.buffer)).cast("B") if group.nbytes else memoryview(b"")
             previous = self._staging.previous_entry(group.key)
-            if previous is not None and previous.hash == digest and previous.nbytes == group.nbytes:
-                entries[group.key] = previous  # copied, but the bytes turned out unchanged: not written
-            else:
-                new.append((group, digest, view))
+            digest = None
+            if group.suspect and previous is not None and previous.nbytes == group.nbytes:
+                # Copied only because a side door was opened: often the bytes turn out unchanged.
+                digest = hash_bytes(view)
+                if digest == previous.hash:
+                    entries[group.key] = previous
+                    continue
+            new.append((group.key, *group.entry_layout(), view, digest))
         if not new:
             return entries, 0
-        items = [(g.key, *g.entry_layout(), view.nbytes, digest) for g, digest, view in new]
-        header, layout = build_header(items)
-        name = blob_name(header)
-        views = {g.key: view for g, _, view in new}
-        self.store.write(blob_path(name), blob_chunks(header, [views[e.name] for e in layout]))
+        name, layout, written = write_blob(self.store, new)
         for entry in layout:
             entries[entry.name] = StoredEntry(name, entry.name, entry.code, entry.shape, entry.nbytes, entry.hash)
-        return entries, len(header) + sum(v.nbytes for v in views.values())
+        return entries, written
 
     def changed_since_last(self, state: Mapping[str, Any]) -> bool:
         """Whether ``state`` differs from the last committed snapshot (tensors by version and identity,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 
+from .directio import FileReader
 from .errors import StoreError, UsageError
 from .replica_remote import RemoteKind, RemoteSide, Report, chunks, folder_of, infer_remote_kind
 from .replica_uploader import (
@@ -114,6 +115,19 @@ class ReplicatedStore:
         """Write to the local store (errors there raise), then queue the copy to the remote."""
         self.local.write(path, chunks, progress)
         self._uploader.upload(path)
+
+    def write_with_header(self, header_size: int, pieces: Iterable[Buffer],
+                          finish: Callable[[], tuple[str, bytes]], progress: Progress | None = None) -> str:
+        """A blob streamed into the local store (see ``LocalStore.write_with_header``), then queued."""
+        path = self.local.write_with_header(header_size, pieces, finish, progress)
+        self._uploader.upload(path)
+        return path
+
+    def open_reader(self, path: str) -> FileReader:
+        """Positional reads of the local copy (a remote-only file is downloaded into it first)."""
+        if not self.local.exists(path):
+            self.open_blob(path)
+        return self.local.open_reader(path)
 
     def read(self, path: str) -> bytes:
         """The local copy if there is one, else the remote's (not kept locally)."""

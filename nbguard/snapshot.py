@@ -1,22 +1,23 @@
 """Reading a snapshot back, and restoring it into live objects.
 
 Restoring validates everything first — every byte's hash, every name, shape, dtype and type —
-and only then applies, so a failed restore leaves the live objects untouched. Tensors are views
-on private copy-on-write maps of the blob files: nothing is copied until something writes.
+and only then applies, so a failed restore leaves the live objects untouched. Each stored entry is
+read once, straight into fresh memory of its own (direct I/O where the store is a local folder) and
+hashed as it arrives; the restored tensors are views on that memory.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 
 from . import rng as rng_streams
-from .blobfile import BlobHeader, blob_path, dtype_from_name, parse_header, verify_entry
+from .blobfile import BlobHeader, blob_path, dtype_from_name, open_reader, read_header
 from .capture import kind_of, type_name
 from .codec import decode, tensor_refs
 from .errors import CorruptSnapshotError, RestoreError, UsageError
@@ -67,8 +68,6 @@ class Snapshot:
         self._blobs: dict[str, tuple[Any, BlobHeader]] = {}
         self._storages: dict[str, torch.Tensor] = {}
         self._tensors: dict[str, torch.Tensor] = {}
-        self._owned_storages: dict[str, torch.Tensor] = {}
-        self._owned_tensors: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"<Snapshot {self.info.id} run={self.info.run!r} {self.info.label or ''} {human_size(self.info.size)}>"
@@ -90,53 +89,51 @@ class Snapshot:
         return tuple(self.manifest["objects"])
 
     # -- reading ----------------------------------------------------------------------------
-    def _blob(self, name: str, progress: Callable[[int], None] | None = None) -> tuple[Any, BlobHeader]:
+    def _blob(self, name: str) -> tuple[Any, BlobHeader]:
         if name not in self._blobs:
-            data = self.store.open_blob(blob_path(name), progress=progress)
-            self._blobs[name] = (data, parse_header(data, expected_name=name))
+            reader = open_reader(self.store, blob_path(name))
+            try:
+                self._blobs[name] = (reader, read_header(reader, expected_name=name))
+            except BaseException:
+                reader.close()
+                raise
         return self._blobs[name]
 
+    def _entry(self, key: str) -> tuple[Any, int, int, str]:
+        """(reader, file offset, size, hash) of the stored bytes of one storage."""
+        spec = self.manifest["storages"][key]
+        reader, header = self._blob(spec["blob"])
+        entry = header.entries.get(spec["entry"])
+        if entry is None or entry.nbytes != spec["nbytes"] or entry.hash != spec["hash"]:
+            raise CorruptSnapshotError(f"snapshot {self.id}: blob {spec['blob'][:12]}… lacks entry {spec['entry']!r}")
+        return reader, header.data_start + entry.begin, entry.nbytes, entry.hash
+
     def storage(self, key: str, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The verified bytes of one storage, as a uint8 tensor."""
+        """The verified bytes of one storage, as a uint8 tensor in memory of its own."""
         if key not in self._storages:
-            spec = self.manifest["storages"][key]
-            data, header = self._blob(spec["blob"], progress)
-            entry = header.entries.get(spec["entry"])
-            if entry is None or entry.nbytes != spec["nbytes"] or entry.hash != spec["hash"]:
-                raise CorruptSnapshotError(f"snapshot {self.id}: blob {spec['blob'][:12]}… lacks entry {spec['entry']!r}")
-            raw = verify_entry(data, header, spec["entry"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffers (memory stores) are copied below
-                tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
-            if raw.readonly:
-                tensor = tensor.clone()
+            reader, offset, nbytes, digest = self._entry(key)
+            hasher = xxhash.xxh3_128()
+            tensor = reader.read_entry(offset, nbytes, hasher, progress)
+            if hasher.hexdigest() != digest:
+                raise CorruptSnapshotError(f"snapshot {self.id}: stored bytes of {key!r} are damaged (hash mismatch)")
             self._storages[key] = tensor
         return self._storages[key]
 
-    def tensor(self, key: str, *, owned: bool = False) -> torch.Tensor:
+    def tensor(self, key: str) -> torch.Tensor:
         """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
-        memory when saved share it again. ``owned``: in private memory of its own rather than a
-        view on the snapshot's file map (for state that training writes to)."""
-        cache = self._owned_tensors if owned else self._tensors
-        if key not in cache:
+        memory when saved share it again."""
+        if key not in self._tensors:
             spec = self.manifest["tensors"].get(key)
             if spec is None:
                 raise CorruptSnapshotError(f"snapshot {self.id} refers to a missing tensor {key!r}")
-            cache[key] = self._view(key, spec, owned)
-        return cache[key]
+            self._tensors[key] = self._view(key, spec)
+        return self._tensors[key]
 
-    def _owned_storage(self, key: str) -> torch.Tensor:
-        # Copy-on-write faults on a file map cost ~10 µs a page here: an optimizer's first step after
-        # a restore would pay far more than this one copy into fresh memory.
-        if key not in self._owned_storages:
-            self._owned_storages[key] = self.storage(key).clone()
-        return self._owned_storages[key]
-
-    def _view(self, key: str, spec: dict[str, Any], owned: bool = False) -> torch.Tensor:
+    def _view(self, key: str, spec: dict[str, Any]) -> torch.Tensor:
         dtype = dtype_from_name(spec["dtype"])
         itemsize = torch.empty((), dtype=dtype).element_size()
         shape, stride, offset = spec["shape"], spec["stride"], spec["byte_offset"]
-        data = self._owned_storage(spec["storage"]) if owned else self.storage(spec["storage"])
+        data = self.storage(spec["storage"])
         numel = math.prod(shape)
         if math.prod(d for d in shape if d) >= 2**62:
             raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} has an absurd shape {shape}")
@@ -145,13 +142,13 @@ class Snapshot:
         if offset + needed > data.numel():
             raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} reaches past its stored bytes")
         raw = data[offset: offset + needed]
-        if offset % itemsize:
+        if (raw.data_ptr() % itemsize) if needed else False:
             raw = raw.clone()
         typed = raw.view(dtype) if needed else torch.empty(0, dtype=dtype)
         return typed.as_strided(shape, stride, typed.storage_offset()) if needed else torch.empty(shape, dtype=dtype)
 
-    def _decode(self, tree: Any, *, owned: bool = False) -> Any:
-        return decode(tree, (lambda key: self.tensor(key, owned=True)) if owned else self.tensor)
+    def _decode(self, tree: Any) -> Any:
+        return decode(tree, self.tensor)
 
     def tree(self, name: str) -> dict[str, Any]:
         obj = self.manifest["objects"].get(name)
@@ -161,23 +158,44 @@ class Snapshot:
 
     def state_dict(self, name: str) -> Any:
         """The saved state_dict of an object (or the saved value of a plain variable)."""
-        return self._decode(self.tree(name)["tree"])
+        try:
+            return self._decode(self.tree(name)["tree"])
+        finally:
+            self._close_readers()
 
     value = state_dict
 
     def verify(self, progress: ProgressFn | None = None) -> None:
-        """Check every byte of the snapshot against its hash; CorruptSnapshotError if any fails."""
-        self._load(self.manifest["storages"], progress)
+        """Check every byte of the snapshot against its hash; CorruptSnapshotError if any fails.
+        Reads through one small reused buffer: nothing is kept in memory."""
+        try:
+            keys = list(self.manifest["storages"])
+            total = sum(self.manifest["storages"][k]["nbytes"] for k in keys)
+            done = 0
+            for key in keys:
+                reader, offset, nbytes, digest = self._entry(key)
+                hasher = xxhash.xxh3_128()
+                reader.hash_range(offset, nbytes, hasher)
+                if hasher.hexdigest() != digest:
+                    raise CorruptSnapshotError(f"snapshot {self.id}: stored bytes of {key!r} are damaged (hash mismatch)")
+                done += nbytes
+                if progress:
+                    progress(done, total)
+        finally:
+            self._forget()
 
     def _load(self, storage_keys: Iterable[str], progress: ProgressFn | None) -> None:
         keys = list(dict.fromkeys(storage_keys))
         total = sum(self.manifest["storages"][k]["nbytes"] for k in keys)
         done = 0
-        for key in keys:
-            self.storage(key)
-            done += self.manifest["storages"][key]["nbytes"]
-            if progress:
-                progress(done, total)
+        try:
+            for key in keys:
+                self.storage(key)
+                done += self.manifest["storages"][key]["nbytes"]
+                if progress:
+                    progress(done, total)
+        finally:
+            self._close_readers()
 
     def storage_keys_of(self, names: Iterable[str]) -> list[str]:
         keys = []
@@ -218,13 +236,13 @@ class Snapshot:
             entry = self.tree(name)
             kind = entry["kind"]
             if kind == "value":
-                plan.append((name, kind, None, self._decode(entry["tree"], owned=True)))
+                plan.append((name, kind, None, self._decode(entry["tree"])))
                 continue
             live = objects.get(name, namespace.get(name) if namespace is not None else None)
             if live is None:
                 report.missing.append(name)
                 continue
-            state = self._decode(entry["tree"], owned=not isinstance(live, torch.nn.Module))
+            state = self._decode(entry["tree"])
             _check_fits(name, entry, live, state)
             plan.append((name, kind, live, state))
         rng_state = self._decode(self.manifest["rng"]) if rng and self.manifest["rng"] is not None else None
@@ -237,9 +255,15 @@ class Snapshot:
         self._forget()  # the live objects own these tensors now: read the bytes afresh next time
         return report
 
+    def _close_readers(self) -> None:
+        for reader, _ in self._blobs.values():
+            reader.close()
+        self._blobs.clear()
+
     def _forget(self) -> None:
-        for cache in (self._blobs, self._storages, self._tensors, self._owned_storages, self._owned_tensors):
-            cache.clear()
+        self._close_readers()
+        self._storages.clear()
+        self._tensors.clear()
 
     def _rng_storage_keys(self, rng: bool) -> list[str]:
         if not rng or self.manifest["rng"] is None:

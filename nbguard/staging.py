@@ -45,6 +45,7 @@ class Group:
     identity: tuple = ()
     versions: tuple[int, ...] = ()
     reuse: StoredEntry | None = None
+    suspect: bool = False  # same tensors and versions as last time, copied only for an escape
     buffer: torch.Tensor | None = None  # uint8 copy of the span (or a live view when streaming)
 
     @property
@@ -149,15 +150,17 @@ class StagingArea:
 
     def _unchanged(self, group: Group) -> StoredEntry | None:
         previous = self._committed.get(group.key)
+        if previous is None:
+            return None
+        same = previous[0] == group.identity and previous[1] == group.versions
         if (
-            self.track_changes
-            and previous is not None
-            and previous[0] == group.identity
-            and previous[1] == group.versions
+            same
+            and self.track_changes
             and group.storage.resizable()
             and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()), self._since)
         ):
             return previous[2]
+        group.suspect = same or not self.track_changes  # hashed before writing: maybe not written at all
         return None
 
     def would_copy(self, tensors: dict[str, torch.Tensor]) -> bool:

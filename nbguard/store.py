@@ -15,6 +15,7 @@ double) and ``FsspecStore`` (any fsspec URL) ship here; Google Drive lives in ``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import mmap
@@ -24,10 +25,11 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from . import directio
 from .errors import StoreError, UsageError
 
 Buffer = bytes | bytearray | memoryview
@@ -210,7 +212,7 @@ class LocalStore:
         folder = os.path.dirname(full)
         tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(full)}")
         event = self.on_event
-        try:
+        with self._removed_on_failure(tmp):
             os.makedirs(folder, exist_ok=True)
             if event is not None:
                 event("create", path)
@@ -230,18 +232,92 @@ class LocalStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self._publish(tmp, path)
+
+    def write_with_header(self, header_size: int, pieces: Iterable[Buffer],
+                          finish: Callable[[], tuple[str, bytes]], progress: Progress | None = None) -> str:
+        """Write a file whose first ``header_size`` bytes depend on the rest (a blob's header holds
+        the hashes of its data, and its name the hash of the header): ``pieces`` are written after a
+        reserved front, then ``finish()`` returns the file's path and front, and the file is made
+        durable and moved into place as atomically as ``write``. Returns the path. The data goes
+        around the page cache where the file system allows (see ``directio``)."""
+        folder = self._folder("blobs")
+        name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        tmp, label = os.path.join(folder, name), f"blobs/{name}"
+        event = self.on_event
+        with self._removed_on_failure(tmp):
+            os.makedirs(folder, exist_ok=True)
             if event is not None:
-                event("rename", path)
-            os.replace(tmp, full)
-            if event is not None:
-                event("fsync-dir", path)
-            _fsync_dir(folder)
+                event("create", label)
+            fd = directio.open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            direct = fd is not None
+            if fd is None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                on_write = (lambda: event("write", label)) if event is not None else None
+                out = directio.SequentialWriter(fd, direct=direct and header_size % directio.BLOCK == 0,
+                                                start=header_size, on_write=on_write)
+                try:
+                    for piece in pieces:
+                        view = memoryview(piece).cast("B")
+                        out.write(view)
+                        if progress:
+                            progress(len(view))
+                    out.finish()
+                    path, header = finish()
+                    if len(header) != header_size:
+                        raise ValueError(f"header of {len(header)} bytes for {header_size} reserved")
+                    if on_write is not None:
+                        on_write()
+                    out.pwrite_block(header, 0)
+                finally:
+                    out.close()
+                if event is not None:
+                    event("fsync", label)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish(tmp, path)
+        return path
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self, tmp: str) -> Iterator[None]:
+        """A failed write leaves nothing behind, and OS errors become StoreErrors that say what to do."""
+        try:
+            yield
         except OSError as exc:
             _remove_quietly(tmp)
             raise StoreError(describe_os_error(exc, self.root)) from exc
         except BaseException:
             _remove_quietly(tmp)
             raise
+
+    def _publish(self, tmp: str, path: str) -> None:
+        """Move a finished, fsynced temporary file into place and make the rename durable."""
+        full = self._abs(path)
+        folder = os.path.dirname(full)
+        if os.path.dirname(tmp) != folder:
+            os.makedirs(folder, exist_ok=True)  # (never re-created otherwise: a vanished mount stays vanished)
+        if self.on_event is not None:
+            self.on_event("rename", path)
+        os.replace(tmp, full)
+        if self.on_event is not None:
+            self.on_event("fsync-dir", path)
+        _fsync_dir(folder)
+        if os.path.dirname(tmp) != folder:
+            _fsync_dir(os.path.dirname(tmp))
+
+    def open_reader(self, path: str) -> directio.FileReader:
+        """Positional, verified-as-you-go reads of one file (for restoring without a memory map)."""
+        full = self._abs(path)
+        if os.path.islink(full):
+            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        try:
+            return directio.FileReader(full)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{path} is missing from {self.root}") from exc
+        except OSError as exc:
+            raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
 
     def delete(self, path: str) -> None:
         try:

@@ -59,33 +59,52 @@ class FaultyWrites:
     def disarm(self) -> None:
         self.fail_at, self.always = None, False
 
-    def write(self, path, chunks, progress=None):
+    def _failing(self) -> bool:
         self.writes += 1
         if not self.always and (self.fail_at is None or self.writes != self.fail_at):
-            return super().write(path, chunks, progress)
+            return False
         self.failures += 1
+        return True
+
+    @staticmethod
+    def _half_then_full(chunks):
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            yield view[: max(1, len(view) // 2)]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def _leave_half(self, folder: str, name: str, chunks) -> None:
+        os.makedirs(folder, exist_ok=True)
+        data = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+        with open(os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"), "wb") as f:
+            f.write(data[: len(data) // 2])
+
+    def write(self, path, chunks, progress=None):
+        if not self._failing():
+            return super().write(path, chunks, progress)
         if self.mode == "refuse":
             raise StoreError(f"injected: the storage place refused to write {path}")
         if self.mode == "enospc":
-            def half_then_full():
-                for chunk in chunks:
-                    view = memoryview(chunk).cast("B")
-                    yield view[: max(1, len(view) // 2)]
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(path, half_then_full(), progress)
+            return super().write(path, self._half_then_full(chunks), progress)
         if self.mode == "leftover":
             assert isinstance(self, LocalStore)
-            folder, name = os.path.split(self._abs(path))
-            os.makedirs(folder, exist_ok=True)
-            data = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
-            with open(os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"), "wb") as f:
-                f.write(data[: len(data) // 2])
+            self._leave_half(*os.path.split(self._abs(path)), chunks)
             raise StoreError(f"injected: writing {path} was cut short")
         raise AssertionError(self.mode)
 
-
 class FaultyLocal(FaultyWrites, LocalStore):
-    pass
+    def write_with_header(self, header_size, pieces, finish, progress=None):
+        """The streamed blob writes of LocalStore fail the same ways."""
+        if not self._failing():
+            return super().write_with_header(header_size, pieces, finish, progress)
+        if self.mode == "refuse":
+            raise StoreError("injected: the storage place refused to write a blob")
+        if self.mode == "enospc":
+            return super().write_with_header(header_size, self._half_then_full(pieces), finish, progress)
+        if self.mode == "leftover":
+            self._leave_half(self._abs("blobs"), "blob", pieces)
+            raise StoreError("injected: writing a blob was cut short")
+        raise AssertionError(self.mode)
 
 
 class FaultyMemory(FaultyWrites, MemoryStore):

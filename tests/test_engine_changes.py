@@ -3,6 +3,7 @@ tensor is seen by the next snapshot."""
 
 from __future__ import annotations
 
+import gc
 import random
 
 import numpy as np
@@ -298,3 +299,23 @@ def test_two_guards_in_one_process_both_see_a_write_through_data(tmp_path):
     fresh = nn.Linear(16, 16)
     load(tmp_path / "a", run="a").restore({"model": fresh})
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_memory_handed_to_numpy_is_distrusted_while_any_array_over_it_lives():
+    from nbguard import escapes
+
+    escapes.install()
+    tensor = torch.ones(1000)
+    key = escapes.storage_key(tensor)
+    array = tensor.numpy()
+    view = array[2:]  # keeps the array's base alive after the array itself is gone
+    del array
+    gc.collect()
+    assert escapes.LOG.may_have_changed(key, escapes.LOG.now())
+    del view
+    gc.collect()
+    after = escapes.LOG.now()
+    assert escapes.LOG.may_have_changed(key, after - 1)  # the moment the last array went counts as a write
+    # ...and after that the address is trusted again: the memory may belong to a new tensor by now
+    # (before, any tensor later allocated there was copied at every save)
+    assert not escapes.LOG.may_have_changed(key, after)
