@@ -53,10 +53,11 @@ def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
         return {"$tensor": sink(path, _check_tensor(value, path))}
     if isinstance(value, np.ndarray):
         return {"$ndarray": sink(path, _ndarray_as_tensor(value, path))}
-    if type(value) is list:
-        return [encode(v, f"{path}/{i}", sink, depth + 1) for i, v in enumerate(value)]
-    if type(value) is tuple:
-        return {"$tuple": [encode(v, f"{path}/{i}", sink, depth + 1) for i, v in enumerate(value)]}
+    if type(value) in (list, tuple):
+        items = _plain_numbers(value)
+        if items is None:
+            items = [encode(v, f"{path}/{i}", sink, depth + 1) for i, v in enumerate(value)]
+        return items if type(value) is list else {"$tuple": items}
     if isinstance(value, dict) and type(value).__module__ in ("builtins", "collections"):
         pairs = []
         for k, v in value.items():
@@ -78,6 +79,19 @@ def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
         return {"$size": list(value)}
     raise Unstorable(path, f"a {type(value).__module__}.{type(value).__qualname__} is not a plain value "
                            "(numbers, strings, lists, dicts, tensors, arrays) and has no state_dict()")
+
+
+def _plain_numbers(values: list | tuple) -> list | None:
+    """The values as they are when all are ints of at most 64 bits or all finite floats (a loss
+    history, Python's RNG state of 625 ints): one pass instead of a call per item."""
+    if len(values) < 8:
+        return None
+    first = type(values[0])
+    if first is int and all(type(v) is int and -(2**63) <= v < 2**64 for v in values):
+        return list(values)
+    if first is float and all(type(v) is float and math.isfinite(v) for v in values):
+        return list(values)
+    return None
 
 
 def _no_tensor_keys(path: str, tensor: torch.Tensor) -> str:

@@ -240,13 +240,15 @@ _prefault_queue: queue.SimpleQueue[tuple[int, int]] | None = None
 
 def _prefault_loop(jobs: queue.SimpleQueue[tuple[int, int]]) -> None:
     global _populate_ok
+    worked = False
     while True:
         start, end = jobs.get()
         for chunk in range(start, end, PIECE):
             if _libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
-                if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
-                    _populate_ok = False
+                if not worked and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+                    _populate_ok = False  # a kernel older than 5.14
                 break  # memory already freed, or unsupported: the reader faults the pages itself
+            worked = True
 
 
 def prefault(tensor: torch.Tensor) -> None:

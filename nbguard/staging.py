@@ -38,10 +38,12 @@ class Group:
 
     key: str  # the first member's tensor key: stable between saves
     device: torch.device
-    storage: object
+    storage_key: tuple  # (device, address) of the storage: what the escape log knows it by
+    resizable: bool  # False for memory torch does not own (torch.from_numpy): never trusted unchanged
     begin: int
     end: int
     members: list[tuple[str, torch.Tensor]]
+    member_ids: list[tuple] = field(default_factory=list)  # each member's (key, dtype, shape, stride, offset)
     identity: tuple = ()
     versions: tuple[int, ...] = ()
     reuse: StoredEntry | None = None
@@ -88,27 +90,44 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + (reach + 1) * size
 
 
-def group_tensors(tensors: dict[str, torch.Tensor]) -> list[Group]:
-    """Group tensors by storage; the span covers every member."""
-    groups: dict[tuple[str, int], Group] = {}
+def group_tensors(tensors: dict[str, torch.Tensor], seen: dict[str, tuple] | None = None) -> list[Group]:
+    """Group tensors by storage; the span covers every member. ``seen`` memoises what each tensor
+    looked like at the last save, so unchanged tensors cost a few attribute reads (frozen layers)."""
+    groups: dict[tuple, Group] = {}
     for key, tensor in tensors.items():
-        storage = escapes.raw_untyped_storage(tensor)
-        skey = (str(tensor.device), storage.data_ptr()) if storage.data_ptr() else (key, id(tensor))
-        begin, end = _span(tensor)
+        skey, begin, end, member, resizable = _describe(key, tensor, seen)
         group = groups.get(skey)
         if group is None:
-            groups[skey] = Group(key, tensor.device, storage, begin, end, [(key, tensor)])
+            groups[skey] = Group(key, tensor.device, skey, resizable, begin, end, [(key, tensor)], [member])
         else:
             group.begin, group.end = min(group.begin, begin), max(group.end, end)
             group.members.append((key, tensor))
+            group.member_ids.append(member)
     return list(groups.values())
 
 
+def _describe(key: str, tensor: torch.Tensor, seen: dict[str, tuple] | None) -> tuple:
+    # The storage's address, the span and the layout follow from these (the address of the data,
+    # its offset, shape, stride, dtype, device), whatever the tensor's contents do. (state_dict()
+    # hands out a new detached tensor object at every call: the object itself cannot be the key.)
+    sig = (tensor.data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+    if seen is not None:
+        hit = seen.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+    storage = escapes.raw_untyped_storage(tensor)
+    address = storage.data_ptr()
+    skey = (str(tensor.device), address) if address else (key, id(tensor))
+    begin, end = _span(tensor)
+    member = (key, tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+    described = (skey, begin, end, member, storage.resizable())
+    if seen is not None:
+        seen[key] = (sig, described)
+    return described
+
+
 def _identify(group: Group) -> None:
-    group.identity = (
-        str(group.device), group.storage.data_ptr(), group.begin, group.end,
-        tuple((k, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) for k, t in group.members),
-    )
+    group.identity = (group.storage_key, group.begin, group.end, tuple(group.member_ids))
     group.versions = tuple(t._version for _, t in group.members)
 
 
@@ -143,6 +162,8 @@ class StagingArea:
         self.track_changes = track_changes
         self.memory_margin = memory_margin
         self._buffers: dict[str, torch.Tensor] = {}
+        self._seen: dict[str, tuple] = {}  # tensor key -> (signature, description): see _describe
+        self._layouts: dict[str, tuple] = {}  # tensor key -> (what it depends on, manifest entry)
         self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
         self._since = 0  # escape-log counter at the last staging
         if track_changes:
@@ -156,8 +177,8 @@ class StagingArea:
         if (
             same
             and self.track_changes
-            and group.storage.resizable()
-            and not escapes.LOG.may_have_changed((str(group.device), group.storage.data_ptr()), self._since)
+            and group.resizable
+            and not escapes.LOG.may_have_changed(group.storage_key, self._since)
         ):
             return previous[2]
         group.suspect = same or not self.track_changes  # hashed before writing: maybe not written at all
@@ -165,7 +186,7 @@ class StagingArea:
 
     def would_copy(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether any of these tensors changed since the last committed snapshot (nothing is copied)."""
-        for group in group_tensors(tensors):
+        for group in group_tensors(tensors, self._seen):
             _identify(group)
             if self._unchanged(group) is None:
                 return True
@@ -174,12 +195,14 @@ class StagingArea:
     def stage(self, tensors: dict[str, torch.Tensor], *, allow_streaming: bool = True) -> StagedSnapshot:
         """Decide per group (reuse or copy), and copy the changed ones into buffers."""
         mark = escapes.LOG.now()
-        groups = group_tensors(tensors)
+        if len(self._seen) > 2 * len(tensors) + 64:
+            self._seen = {k: v for k, v in self._seen.items() if k in tensors}
+        groups = group_tensors(tensors, self._seen)
         staged = StagedSnapshot(groups)
         for group in groups:
             _identify(group)
-            for key, tensor in group.members:
-                staged.layouts[key] = _layout(group, key, tensor)
+            for (key, tensor), member in zip(group.members, group.member_ids, strict=True):
+                staged.layouts[key] = self._layout(group, key, tensor, member)
             group.reuse = self._unchanged(group)
             if group.reuse is not None:
                 staged.reused_bytes += group.nbytes
@@ -192,6 +215,15 @@ class StagingArea:
             torch.cuda.synchronize()
         self._since = mark
         return staged
+
+    def _layout(self, group: Group, key: str, tensor: torch.Tensor, member: tuple) -> dict:
+        cache = (group.key, group.begin, member, tensor.requires_grad)
+        hit = self._layouts.get(key)
+        if hit is not None and hit[0] == cache:
+            return hit[1]
+        layout = _layout(group, key, tensor)
+        self._layouts[key] = (cache, layout)
+        return layout
 
     def _room_for(self, groups: list[Group]) -> bool:
         needed = sum(g.nbytes for g in groups if g.device.type == "cpu" and self._reusable(g) is None)
@@ -207,7 +239,7 @@ class StagingArea:
     @staticmethod
     def _live_view(group: Group) -> torch.Tensor:
         view = torch.empty(0, dtype=torch.uint8, device=group.device)
-        return view.set_(group.storage, group.begin, (group.nbytes,))
+        return view.set_(escapes.raw_untyped_storage(group.members[0][1]), group.begin, (group.nbytes,))
 
     def _copy(self, group: Group) -> torch.Tensor:
         buffer = self._reusable(group)

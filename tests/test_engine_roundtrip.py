@@ -584,3 +584,20 @@ def test_a_numpy_longdouble_does_not_lose_the_snapshot(tmp_path, reports):
         assert values["x"] == np.longdouble(1.5)
     else:
         assert any("not saving x" in r for r in reports)
+
+
+@pytest.mark.parametrize("values", [
+    [0.25 * i for i in range(20)],  # a loss history: stored in one pass
+    [0.5] * 9 + [math.nan, math.inf],  # not all finite: item by item
+    list(range(-5, 20)) + [2**70],  # one int too large for 64 bits
+    [1] * 9 + [True, 2.5],  # bools and floats mixed in
+    tuple(range(625)),  # Python's RNG state is such a tuple
+])
+def test_long_lists_of_numbers_round_trip_exactly(values):
+    guard = Guard(MemoryStore(), run="numbers", report=None)
+    guard.save({"values": values}, wait=True)
+    restored = guard.restore({}).values["values"]
+    assert type(restored) is type(values)
+    assert len(restored) == len(values)
+    for a, b in zip(restored, values, strict=True):
+        assert type(a) is type(b) and (a == b or (a != a and b != b))
