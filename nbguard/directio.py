@@ -298,16 +298,21 @@ class FileReader:
     def __init__(self, path: str):
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._direct = open_direct(path, os.O_RDONLY)
+        self._direct_refused = False
+        self._helper: _Helper | None = None
         self.size = os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
+        if self._helper is not None:
+            self._helper.stop()
+            self._helper = None
         self._file.close()
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
 
     def __del__(self) -> None:
-        if getattr(self, "_direct", None) is not None:
+        if getattr(self, "_direct", None) is not None or getattr(self, "_helper", None) is not None:
             self.close()
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -317,6 +322,13 @@ class FileReader:
 
     def _readinto(self, view: memoryview, offset: int) -> int:
         done = 0
+        if hasattr(os, "preadv"):  # positional: safe beside the read-ahead thread
+            while done < len(view):
+                n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if not n:
+                    break
+                done += n
+            return done
         self._file.seek(offset)
         while done < len(view):
             n = self._file.readinto(view[done:])
@@ -326,37 +338,48 @@ class FileReader:
         return done
 
     def read_entry(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The ``nbytes`` at ``offset`` in fresh memory of their own, fed to ``hasher`` as they arrive."""
-        if nbytes < SMALL or self._direct is None:
-            out = torch.empty(nbytes, dtype=torch.uint8)
-            view = byte_view(out)
-            if nbytes >= SMALL:
-                prefault(out)
-            for start in range(0, nbytes, PIECE):
-                piece = view[start:start + PIECE]
-                self._exact(piece, offset + start)
+        """The ``nbytes`` at ``offset`` in fresh memory of their own, fed to ``hasher`` as they arrive.
+
+        Large entries are read directly into that memory by a read-ahead thread, 16 MiB at a time,
+        while this thread hashes the piece before (the disk never waits for the hashing), and the
+        prefault thread faults the pages in ahead of both."""
+        direct = nbytes >= SMALL and self._direct is not None and not self._direct_refused
+        out = aligned_empty(nbytes, offset) if direct else torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes >= SMALL:
+            prefault(out)
+        view = byte_view(out)
+        if direct:
+            head = min(nbytes, round_up(offset) - offset)
+            body_end = head + (nbytes - head) // BLOCK * BLOCK
+            spans = [(0, head, False)] if head else []
+            spans += [(s, min(s + PIECE, body_end), True) for s in range(head, body_end, PIECE)]
+            if body_end < nbytes:
+                spans.append((body_end, nbytes, False))
+        else:
+            spans = [(s, min(s + PIECE, nbytes), False) for s in range(0, nbytes, PIECE)]
+        jobs: list[_Job | None] = []
+        try:
+            for begin, end, ahead in spans:
+                if ahead:
+                    if self._helper is None:
+                        self._helper = _Helper("nbguard-read")
+                    piece, at = view[begin:end], offset + begin
+                    jobs.append(self._helper.submit(lambda piece=piece, at=at: self._exact_direct(piece, at)))
+                else:
+                    jobs.append(None)
+            for (begin, end, _), job in zip(spans, jobs, strict=True):
+                piece = view[begin:end]
+                if job is None:
+                    self._exact(piece, offset + begin)
+                else:
+                    job.result()
                 hasher.update(piece)
                 if progress:
-                    progress(len(piece))
-            return out
-        out = aligned_empty(nbytes, offset)
-        prefault(out)
-        view = byte_view(out)
-        head = min(nbytes, round_up(offset) - offset)
-        body_end = head + (nbytes - head) // BLOCK * BLOCK
-        spans = [(0, head, False)] if head else []
-        spans += [(s, min(s + PIECE, body_end), True) for s in range(head, body_end, PIECE)]
-        if body_end < nbytes:
-            spans.append((body_end, nbytes, False))
-        for begin, end, direct in spans:
-            piece = view[begin:end]
-            if direct:
-                self._exact_direct(piece, offset + begin)
-            else:
-                self._exact(piece, offset + begin)
-            hasher.update(piece)
-            if progress:
-                progress(end - begin)
+                    progress(end - begin)
+        finally:
+            for job in jobs:  # never leave a read in flight into memory that may be freed
+                if job is not None:
+                    job.done.wait()
         return out
 
     def hash_range(self, offset: int, nbytes: int, hasher) -> None:
@@ -381,12 +404,13 @@ class FileReader:
         done = 0
         while done < len(view):
             try:
+                if self._direct_refused:
+                    raise OSError(errno.EINVAL, "direct reads refused")
                 n = os.preadv(self._direct, [view[done:]], offset + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                os.close(self._direct)  # alignment refused after all: read the rest through the cache
-                self._direct = None
+                self._direct_refused = True  # alignment refused after all: read through the cache
                 self._exact(view[done:], offset + done)
                 return
             if not n:
