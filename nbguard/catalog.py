@@ -204,7 +204,7 @@ class Catalog:
             try:
                 snapshot._load(snapshot.storage_keys_of(names or snapshot.names) + snapshot._rng_storage_keys(True), None)
                 for name in names or snapshot.names:
-                    snapshot.state_dict(name)
+                    snapshot._decode(snapshot.tree(name)["tree"])  # checked, kept for the restore that follows
                 snapshot._decode(snapshot.manifest["rng"])
                 snapshot._decode(snapshot.manifest["extra"])
             except (CorruptSnapshotError, StoreError) as exc:

@@ -68,6 +68,7 @@ class Snapshot:
         self._blobs: dict[str, tuple[Any, BlobHeader]] = {}
         self._storages: dict[str, torch.Tensor] = {}
         self._tensors: dict[str, torch.Tensor] = {}
+        self._handed_out = False  # whether tensors of the caches were given out (state_dict, tensor)
 
     def __repr__(self) -> str:
         return f"<Snapshot {self.info.id} run={self.info.run!r} {self.info.label or ''} {human_size(self.info.size)}>"
@@ -122,6 +123,10 @@ class Snapshot:
     def tensor(self, key: str) -> torch.Tensor:
         """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
         memory when saved share it again."""
+        self._handed_out = True
+        return self._tensor(key)
+
+    def _tensor(self, key: str) -> torch.Tensor:
         if key not in self._tensors:
             spec = self.manifest["tensors"].get(key)
             if spec is None:
@@ -148,7 +153,7 @@ class Snapshot:
         return typed.as_strided(shape, stride, typed.storage_offset()) if needed else torch.empty(shape, dtype=dtype)
 
     def _decode(self, tree: Any) -> Any:
-        return decode(tree, self.tensor)
+        return decode(tree, self._tensor)
 
     def tree(self, name: str) -> dict[str, Any]:
         obj = self.manifest["objects"].get(name)
@@ -158,6 +163,7 @@ class Snapshot:
 
     def state_dict(self, name: str) -> Any:
         """The saved state_dict of an object (or the saved value of a plain variable)."""
+        self._handed_out = True
         try:
             return self._decode(self.tree(name)["tree"])
         finally:
@@ -228,7 +234,8 @@ class Snapshot:
         unknown = [n for n in names if n not in self.manifest["objects"]]
         if unknown:
             raise UsageError(f"snapshot {self.id} holds no {', '.join(map(repr, unknown))}; it holds {', '.join(self.names)}")
-        self._forget()
+        if self._handed_out:  # bytes checked by latest_good() are kept; tensors given to the caller are not
+            self._forget()
         report = RestoreReport(self.info)
         plan: list[tuple[str, str, Any, Any]] = []  # (name, kind, live object, decoded state)
         self._load(self.storage_keys_of(names) + self._rng_storage_keys(rng), progress)
@@ -261,6 +268,7 @@ class Snapshot:
         self._blobs.clear()
 
     def _forget(self) -> None:
+        self._handed_out = False
         self._close_readers()
         self._storages.clear()
         self._tensors.clear()

@@ -114,3 +114,28 @@ def test_a_large_write_failing_half_way_leaves_nothing_and_the_last_snapshot_res
     restored = load(tmp_path, run="big").restore({}).values["tensors"]
     assert torch.equal(restored["odd"], state["odd"] - 1)
     guard.close()
+
+
+def test_restoring_the_latest_good_snapshot_reads_each_entry_once(tmp_path):
+    class Counting(LocalStore):
+        entries = 0
+
+        def open_reader(self, path):
+            reader = super().open_reader(path)
+            read_entry = reader.read_entry
+
+            def counted(*args, **kwargs):
+                Counting.entries += 1
+                return read_entry(*args, **kwargs)
+
+            reader.read_entry = counted
+            return reader
+
+    guard = Guard(Counting(tmp_path), run="big", report=None)
+    state = big_state()
+    guard.save({"tensors": state}, wait=True).result()
+    Counting.entries = 0
+    report = guard.restore({})  # finds the newest intact snapshot (every byte checked), then restores it
+    assert torch.equal(report.values["tensors"]["odd"], state["odd"])
+    assert Counting.entries == len(guard.load().manifest["storages"])
+    guard.close()
