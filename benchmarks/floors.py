@@ -16,6 +16,8 @@ the same write after a 3 s pause instead of priming.
   Two more write floors for context: ``write_direct`` (``O_DIRECT`` from a page-aligned buffer:
   the device itself, no page cache) and ``write_chunked_writeback`` (page-cache writes that start
   writeback per 64 MiB chunk and drop each chunk's pages once on disk, so the pages are recycled).
+* ``read_cold_fresh`` (context): the same cold read into freshly allocated tensors, as any restore
+  into a new process must (optimizer state does not exist yet): page faults included.
 * ``read_cold``: ``readinto`` a preallocated buffer from that file after evicting it from the page
   cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (after the fsync, so no page is dirty). The
   eviction is checked twice: ``read_bytes`` in ``/proc/self/io`` must grow by the file size (bytes
@@ -355,6 +357,13 @@ class Floors:
         t0 = time.perf_counter()
         read_views(path, targets)
         out["read_warm"] = time.perf_counter() - t0
+        evict_file(path)
+        settle()
+        t0 = time.perf_counter()
+        fresh = [torch.empty_like(t) for t in tensors]
+        read_views(path, byte_views(fresh))
+        out["read_cold_fresh"] = time.perf_counter() - t0
+        del fresh
         settle()
         t0 = time.perf_counter()
         if write_direct(os.path.join(folder, "floor-direct.bin"), self.aligned, nbytes):
