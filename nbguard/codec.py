@@ -39,6 +39,8 @@ def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
     """A JSON-safe tree for ``value``; tensors go to ``sink(path, tensor)`` which returns their key."""
     if depth > MAX_DEPTH:
         raise Unstorable(path, "nested too deeply")
+    if isinstance(value, torch.Tensor):  # first: a state_dict is mostly tensors
+        return {"$tensor": sink(path, _check_tensor(value, path))}
     if value is None or type(value) in (bool, str):
         return value
     if type(value) is int:
@@ -49,8 +51,6 @@ def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
         return value if math.isfinite(value) else {"$float": repr(value)}
     if isinstance(value, np.generic):
         return _encode_numpy_scalar(value, path)
-    if isinstance(value, torch.Tensor):
-        return {"$tensor": sink(path, _check_tensor(value, path))}
     if isinstance(value, np.ndarray):
         return {"$ndarray": sink(path, _ndarray_as_tensor(value, path))}
     if type(value) in (list, tuple):
@@ -86,10 +86,10 @@ def _plain_numbers(values: list | tuple) -> list | None:
     history, Python's RNG state of 625 ints): one pass instead of a call per item."""
     if len(values) < 8:
         return None
-    first = type(values[0])
-    if first is int and all(type(v) is int and -(2**63) <= v < 2**64 for v in values):
+    types = set(map(type, values))
+    if types == {int} and -(2**63) <= min(values) and max(values) < 2**64:
         return list(values)
-    if first is float and all(type(v) is float and math.isfinite(v) for v in values):
+    if types == {float} and all(map(math.isfinite, values)):
         return list(values)
     return None
 

@@ -589,6 +589,7 @@ def test_a_numpy_longdouble_does_not_lose_the_snapshot(tmp_path, reports):
 @pytest.mark.parametrize("values", [
     [0.25 * i for i in range(20)],  # a loss history: stored in one pass
     [0.5] * 9 + [math.nan, math.inf],  # not all finite: item by item
+    [1e308] * 10,  # finite, though their sum is not
     list(range(-5, 20)) + [2**70],  # one int too large for 64 bits
     [1] * 9 + [True, 2.5],  # bools and floats mixed in
     tuple(range(625)),  # Python's RNG state is such a tuple
