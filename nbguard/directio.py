@@ -213,12 +213,13 @@ class SequentialWriter:
     def pwrite_block(self, data: bytes, offset: int) -> None:
         """Write ``data`` (a multiple of BLOCK long when direct) at an aligned ``offset``."""
         if self.direct:
-            buffer = _POOL.take()
+            buffer = _POOL.take() if len(data) <= PIECE else mmap.mmap(-1, len(data))  # (a 100k-tensor header)
             try:
                 buffer[:len(data)] = data
                 self._pwrite_direct(memoryview(buffer)[:len(data)], offset)
             finally:
-                _POOL.give(buffer)
+                if len(buffer) == PIECE:
+                    _POOL.give(buffer)
         else:
             self._pwrite_all(memoryview(data), offset)
 

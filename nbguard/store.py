@@ -216,7 +216,7 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             if event is not None:
                 event("create", path)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
@@ -249,14 +249,14 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             if event is not None:
                 event("create", label)
-            fd = directio.open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = directio.open_direct(tmp, flags) if header_size % directio.BLOCK == 0 else None
             direct = fd is not None
             if fd is None:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(tmp, flags, 0o644)
             try:
                 on_write = (lambda: event("write", label)) if event is not None else None
-                out = directio.SequentialWriter(fd, direct=direct and header_size % directio.BLOCK == 0,
-                                                start=header_size, on_write=on_write)
+                out = directio.SequentialWriter(fd, direct=direct, start=header_size, on_write=on_write)
                 try:
                     for piece in pieces:
                         view = memoryview(piece).cast("B")

@@ -139,3 +139,26 @@ def test_restoring_the_latest_good_snapshot_reads_each_entry_once(tmp_path):
     assert torch.equal(report.values["tensors"]["odd"], state["odd"])
     assert Counting.entries == len(guard.load().manifest["storages"])
     guard.close()
+
+
+def test_a_front_larger_than_a_bounce_buffer_is_written(tmp_path):
+    """A header of more than 16 MiB (a state of ~100,000 tensors) goes through a buffer of its own."""
+    from nbguard import directio
+
+    path = str(tmp_path / "f")
+    fd = directio.open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    direct = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    front = bytes(range(256)) * (17 * MiB // 256)  # 17 MiB, a multiple of the block size
+    tail = os.urandom(5 * MiB + 123)
+    try:
+        out = directio.SequentialWriter(fd, direct=direct, start=len(front))
+        out.write(memoryview(tail))
+        assert out.finish() == len(front) + len(tail)
+        out.pwrite_block(front, 0)
+        out.close()
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == front + tail
