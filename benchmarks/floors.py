@@ -211,20 +211,14 @@ def tree_size(folder: str) -> int:
 
 # -- raw bytes of tensors ---------------------------------------------------------------------------
 def byte_views(tensors: Iterable[torch.Tensor]) -> list[memoryview]:
-    """Zero-copy byte views of contiguous CPU tensors, made from their addresses with ctypes.
+    """Zero-copy byte views of contiguous CPU tensors (``nbguard.directio.byte_view``: not through
+    NumPy, which would make nbguard's change tracking distrust them and change what is measured).
+    The caller keeps the tensors alive."""
+    from nbguard.directio import byte_view
 
-    Not through NumPy: ``tensor.numpy()`` marks the storage as shared with NumPy (not resizable,
-    and nbguard's change tracking then distrusts it for good, re-copying it at every save). The
-    benchmark must not change what it measures. The caller keeps the tensors alive."""
-    out = []
-    for t in tensors:
-        if t.numel() == 0:
-            continue
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("byte_views needs contiguous CPU tensors")
-        nbytes = t.numel() * t.element_size()
-        out.append(memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())).cast("B"))
-    return out
+    if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        raise ValueError("byte_views needs contiguous CPU tensors")
+    return [byte_view(t) for t in tensors if t.numel()]
 
 
 def write_fsync(path: str, views: Sequence[memoryview]) -> int:

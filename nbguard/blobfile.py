@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from .directio import PIECE, byte_view
 from .errors import CorruptSnapshotError
 from .jsonsafe import no_duplicate_keys
 
@@ -160,8 +161,6 @@ class BufferReader:
         return raw
 
     def read_entry(self, offset: int, nbytes: int, hasher, progress=None) -> torch.Tensor:
-        from .directio import byte_view
-
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             raw, dest = self._range(offset, nbytes), byte_view(out)
@@ -250,19 +249,27 @@ def _parse_entry(name: str, spec: object, digest: object, data_len: int) -> Entr
     return Entry(name, code, tuple(shape), begin, end, digest)
 
 
-def entry_bytes(data: memoryview | bytes, header: BlobHeader, name: str) -> memoryview:
-    """The raw bytes of one entry, as a view into ``data`` (no copy)."""
+def read_entry(reader, header: BlobHeader, name: str, progress=None) -> torch.Tensor:
+    """The bytes of one entry, read through ``reader`` (a ``FileReader`` or ``BufferReader``) into
+    fresh memory of their own and checked against their hash as they arrive."""
     entry = header.entries[name]
-    view = memoryview(data).cast("B")
-    return view[header.data_start + entry.begin: header.data_start + entry.end]
+    hasher = xxhash.xxh3_128()
+    out = reader.read_entry(header.data_start + entry.begin, entry.nbytes, hasher, progress)
+    _check_hash(hasher, entry)
+    return out
 
 
-def verify_entry(data: memoryview | bytes, header: BlobHeader, name: str) -> memoryview:
-    """The bytes of one entry after checking their hash."""
-    raw = entry_bytes(data, header, name)
-    if hash_bytes(raw) != header.entries[name].hash:
-        raise CorruptSnapshotError(f"blob entry {name!r} is damaged (hash mismatch)")
-    return raw
+def check_entry(reader, header: BlobHeader, name: str) -> None:
+    """Check one entry's bytes against their hash without keeping them."""
+    entry = header.entries[name]
+    hasher = xxhash.xxh3_128()
+    reader.hash_range(header.data_start + entry.begin, entry.nbytes, hasher)
+    _check_hash(hasher, entry)
+
+
+def _check_hash(hasher, entry: Entry) -> None:
+    if hasher.hexdigest() != entry.hash:
+        raise CorruptSnapshotError(f"blob entry {entry.name!r} is damaged (hash mismatch)")
 
 
 def blob_chunks(header: bytes, buffers: Sequence[memoryview]) -> Iterator[memoryview]:
@@ -287,8 +294,6 @@ def write_blob(store, items: Sequence[Item]) -> tuple[str, list[Entry], int]:
         name = blob_name(header)
         store.write(blob_path(name), blob_chunks(header, [views[e.name] for e in layout]))
         return name, layout, len(header) + sum(v.nbytes for v in views.values())
-    from .directio import PIECE
-
     placeholder, layout = build_header([(n, c, s, v.nbytes, "0" * 32) for n, c, s, v, _ in items])
     digests: dict[str, str] = {}
 

@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import xxhash
 
 from . import rng as rng_streams
-from .blobfile import BlobHeader, blob_path, dtype_from_name, open_reader, read_header
+from .blobfile import (
+    BlobHeader,
+    blob_path,
+    check_entry,
+    dtype_from_name,
+    open_reader,
+    read_entry,
+    read_header,
+)
 from .capture import kind_of, type_name
 from .codec import decode, tensor_refs
 from .errors import CorruptSnapshotError, RestoreError, UsageError
@@ -100,24 +107,19 @@ class Snapshot:
                 raise
         return self._blobs[name]
 
-    def _entry(self, key: str) -> tuple[Any, int, int, str]:
-        """(reader, file offset, size, hash) of the stored bytes of one storage."""
+    def _entry(self, key: str) -> tuple[Any, BlobHeader, str]:
+        """(reader, blob header, entry name) of the stored bytes of one storage."""
         spec = self.manifest["storages"][key]
         reader, header = self._blob(spec["blob"])
         entry = header.entries.get(spec["entry"])
         if entry is None or entry.nbytes != spec["nbytes"] or entry.hash != spec["hash"]:
             raise CorruptSnapshotError(f"snapshot {self.id}: blob {spec['blob'][:12]}… lacks entry {spec['entry']!r}")
-        return reader, header.data_start + entry.begin, entry.nbytes, entry.hash
+        return reader, header, spec["entry"]
 
     def storage(self, key: str, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """The verified bytes of one storage, as a uint8 tensor in memory of its own."""
         if key not in self._storages:
-            reader, offset, nbytes, digest = self._entry(key)
-            hasher = xxhash.xxh3_128()
-            tensor = reader.read_entry(offset, nbytes, hasher, progress)
-            if hasher.hexdigest() != digest:
-                raise CorruptSnapshotError(f"snapshot {self.id}: stored bytes of {key!r} are damaged (hash mismatch)")
-            self._storages[key] = tensor
+            self._storages[key] = read_entry(*self._entry(key), progress)
         return self._storages[key]
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -179,12 +181,8 @@ class Snapshot:
             total = sum(self.manifest["storages"][k]["nbytes"] for k in keys)
             done = 0
             for key in keys:
-                reader, offset, nbytes, digest = self._entry(key)
-                hasher = xxhash.xxh3_128()
-                reader.hash_range(offset, nbytes, hasher)
-                if hasher.hexdigest() != digest:
-                    raise CorruptSnapshotError(f"snapshot {self.id}: stored bytes of {key!r} are damaged (hash mismatch)")
-                done += nbytes
+                check_entry(*self._entry(key))
+                done += self.manifest["storages"][key]["nbytes"]
                 if progress:
                     progress(done, total)
         finally:
