@@ -72,19 +72,6 @@ def _fresh(path: str) -> str:
     return path
 
 
-def _reset_escape_log() -> None:
-    """Forget which storages nbguard saw escape its change tracking. The peers run in the same
-    process: torchsnapshot hands the live tensors to NumPy (``.numpy()``) and torch.save / DCP call
-    ``untyped_storage()``, which make nbguard distrust those tensors (forever for NumPy) and re-copy
-    them at every save. In a session that mixes them that is nbguard's correct behaviour; here each
-    nbguard round must measure nbguard alone."""
-    from nbguard import escapes
-
-    log_ = getattr(escapes, "LOG", None)
-    for name in ("_last", "_never_trusted", "_numpy"):
-        getattr(log_, name, set()).clear()
-
-
 # -- nbguard -----------------------------------------------------------------------------------------
 def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
     """One repeat: a fresh Guard in a fresh folder; first (full) save, an unchanged save, a full save
@@ -92,7 +79,6 @@ def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
     import nbguard
 
     _fresh(folder)
-    _reset_escape_log()
     guard = nbguard.Guard(folder, run="bench", keep=3, report=notes.append)
     state = {"model": model, "opt": opt}
     out: dict[str, Any] = {}

@@ -40,6 +40,9 @@ class Capture:
     skipped: dict[str, str] = field(default_factory=dict)
     rng: Any = None
     rng_streams: tuple[str, ...] = ()
+    # Storage addresses of module buffers: native kernels write some of them (BatchNorm's running
+    # statistics) without bumping their version counters, so staging never trusts those counters.
+    volatile: set[tuple[str, int]] = field(default_factory=set)
 
     def sink_for(self, pending: dict[str, torch.Tensor]):
         def sink(path: str, tensor: torch.Tensor) -> str:
@@ -75,6 +78,8 @@ def capture(state: Mapping[str, Any], *, with_rng: bool = True) -> Capture:
                            lambda sink, g=obj, n=name: encode({"state": g.get_state(), "device": str(g.device)}, n, sink))
             elif kind == "stateful":
                 result.add(name, kind, type_name(obj), lambda sink, o=obj, n=name: _state_dict_tree(o, n, sink))
+                if isinstance(obj, torch.nn.Module):
+                    result.volatile.update(_buffer_keys(obj))
             else:
                 result.add(name, kind, type_name(obj), lambda sink, o=obj, n=name: encode(o, n, sink))
     finally:
@@ -85,6 +90,21 @@ def capture(state: Mapping[str, Any], *, with_rng: bool = True) -> Capture:
         result.tensors.update(pending)
         result.rng_streams = tuple(before)
     return result
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    """(device, address) of a tensor's storage: how staging recognises memory between saves."""
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def _buffer_keys(module: torch.nn.Module) -> list[tuple[str, int]]:
+    keys = []
+    for buffer in module.buffers():
+        try:
+            keys.append(storage_key(buffer))
+        except (RuntimeError, NotImplementedError):  # sparse or storage-less buffers: grouped by key anyway
+            pass
+    return keys
 
 
 def _state_dict_tree(obj: Any, name: str, sink) -> Any:

@@ -134,7 +134,7 @@ class CheckpointedCell:
     def _on_safe_point(self, point) -> None:
         reasons = set(point.reasons)
         interrupted = "interrupt" in reasons or "shutdown" in reasons
-        if reasons <= {"timer"} and self.guard.busy:
+        if reasons <= {"timer", "retake"} and self.guard.busy:
             self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
             return
         tags = ("interrupted",) if interrupted else ()
@@ -284,6 +284,8 @@ class CheckpointedCell:
         self.session.running_cell = self
         self.session.last_cell = self
         previous_sigint = _install(signal.SIGINT, self._on_sigint)
+        runtime = self.runtime
+        self.guard.on_retake = lambda: runtime.request_safe_point("retake")  # a save found stale bytes
         timer = threading.Thread(target=self._timer, name="nbguard-timer", daemon=True)
         timer.start()
         try:
@@ -303,6 +305,7 @@ class CheckpointedCell:
             raise
         finally:
             self._done.set()
+            self.guard.on_retake = None
             _restore_handler(signal.SIGINT, previous_sigint)
             self.session.running_cell = None
 

@@ -2,6 +2,7 @@
 
     NbguardError
     ├── CaptureError        a value or object cannot be captured
+    │   └── StaleCaptureError  a tensor changed unseen by its version counter: the save is retaken
     ├── SnapshotError       a snapshot is missing, corrupt or of an unknown format
     │   └── CorruptSnapshotError   a hash, size or structure check failed
     ├── RestoreError        a snapshot does not fit the live objects
@@ -18,6 +19,12 @@ class NbguardError(Exception):
 
 class CaptureError(NbguardError):
     """A value cannot be stored safely (nbguard never pickles)."""
+
+
+class StaleCaptureError(CaptureError):
+    """A tensor staging reused changed behind torch's version counter (a native kernel, ``.data``, a
+    raw pointer): the snapshot was not committed. ``save(wait=True)`` retakes it at once; otherwise
+    the next safe point does. The tensor is copied at every save until one finds it unchanged."""
 
 
 class SnapshotError(NbguardError):

@@ -33,8 +33,7 @@ from .blobfile import Item, hash_bytes, write_blob
 from .capture import capture
 from .catalog import Catalog
 from .codec import encode
-from .errors import NbguardError, UsageError
-from .escapes import raw_numpy
+from .errors import NbguardError, StaleCaptureError, UsageError
 from .manifest import (
     FORMAT,
     VERSION,
@@ -102,6 +101,10 @@ class Guard:
         self.last_stats: SaveStats | None = None
         self.last_saved: SnapshotInfo | None = None
         self.last_error: BaseException | None = None
+        # Set when a save had to be dropped because a tensor changed behind its version counter;
+        # ``on_retake`` (the guarded run's safe-point request) is called then, from the writer thread.
+        self.retake_due = False
+        self.on_retake: Callable[[], None] | None = None
         self._streaming_said = False
         self._last_value_trees: dict[str, Any] = {}
 
@@ -130,8 +133,19 @@ class Guard:
         Returns once the state is staged in memory; the handle's ``wait()``/``result()`` tell when
         it is durable. Values that cannot be stored are skipped with a one-line warning.
         """
-        started = time.perf_counter()
         metrics = _check_metrics(metrics)
+        for _ in range(3):  # a retake copies what went stale, so it cannot go stale the same way
+            handle = self._save_once(state, metrics, position, note, tags, extra)
+            if not wait:
+                return handle
+            self._writer.flush()  # durable, and old snapshots cleaned up
+            if not isinstance(handle._error, StaleCaptureError):
+                break
+        return handle
+
+    def _save_once(self, state: Mapping[str, Any], metrics: dict[str, float], position: Any, note: str | None,
+                   tags: Iterable[str], extra: Any) -> SaveHandle[SnapshotInfo]:
+        started = time.perf_counter()
         with self._lock:
             self._writer.flush()  # at most one save in flight: its buffers are about to be reused
             snapshot_id = new_id()
@@ -141,7 +155,7 @@ class Guard:
                 self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
             position_tree = encode(position, "position", _no_tensors)
             extra_tree = encode(extra, "extra", captured.sink_for(captured.tensors))
-            staged = self._staging.stage(captured.tensors)
+            staged = self._staging.stage(captured.tensors, volatile=captured.volatile)
             manifest = {
                 "format": FORMAT, "version": VERSION, "id": snapshot_id, "run": self.run,
                 "created": time.time(), "writer": self.writer_id, "position": position_tree,
@@ -163,12 +177,13 @@ class Guard:
                 self._writer.run_inline(job, handle, then=self._after_write)
             else:
                 self._writer.submit(job, handle, then=self._after_write)
-        if wait:
-            self._writer.flush()  # durable, and old snapshots cleaned up
         return handle
 
     def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float) -> SnapshotInfo:
         try:
+            stale = self._staging.verify_reused(staged.groups)
+            if stale:
+                raise StaleCaptureError(_stale_message(stale))
             entries, written = self._write_blob(staged)
             manifest["storages"] = {
                 g.key: {"blob": entries[g.key].blob, "entry": entries[g.key].entry,
@@ -181,12 +196,19 @@ class Guard:
             self.store.write(path, [encode_manifest(manifest)])
         except BaseException as exc:
             self._staging.forget(staged.groups)
+            if isinstance(exc, StaleCaptureError):
+                self._say_once(f"stale:{exc}", str(exc))
+                self.retake_due = True
+                if self.on_retake is not None:
+                    self.on_retake()
+                raise
             self.last_error = exc
             if isinstance(exc, Exception):
                 self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
                                                "save tries again.")
             raise
         self._staging.commit(staged.groups, entries)
+        self.retake_due = False
         if any(key.startswith("store:") for key in self._reported):
             self._reported = {key for key in self._reported if not key.startswith("store:")}
             self._report("saving works again")
@@ -214,11 +236,11 @@ class Guard:
             if group.reuse is not None:
                 entries[group.key] = group.reuse
                 continue
-            view = memoryview(raw_numpy(group.buffer)).cast("B") if group.nbytes else memoryview(b"")
+            view = memoryview(group.buffer.numpy()).cast("B") if group.nbytes else memoryview(b"")
             previous = self._staging.previous_entry(group.key)
             digest = None
             if group.suspect and previous is not None and previous.nbytes == group.nbytes:
-                # Copied only because a side door was opened: often the bytes turn out unchanged.
+                # Copied although its counters had not moved: often the bytes turn out unchanged.
                 digest = hash_bytes(view)
                 if digest == previous.hash:
                     entries[group.key] = previous
@@ -291,6 +313,14 @@ class Guard:
         report = snapshot.restore(state, namespace=namespace, rng=rng)
         report.notes.extend(skipped)
         return report
+
+
+def _stale_message(groups: list) -> str:
+    names = [g.members[0][0] for g in groups]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{shown} changed without torch's version counter noticing (a native kernel such as BatchNorm's, "
+            "`.data`, NumPy or a raw pointer): the snapshot was not kept and is taken again at the next safe point; "
+            "from now on these tensors are copied at every save")
 
 
 def _damage_key(text: str) -> str:

@@ -1,11 +1,24 @@
 """Staging: the short part of a save that blocks the caller.
 
 Tensors are grouped by the storage they live in (tied weights and views are stored once and
-shared again after restore). For each group nbguard decides, without reading its bytes, whether
-it is unchanged since the last committed snapshot: same storage, same byte span, same layout,
-same version counters, and no unseen write through the doors ``escapes`` watches. Unchanged
-groups are neither copied, hashed nor written; the others are copied into buffers that are kept
-and reused between saves (fresh memory costs page faults: ~2 GiB/s against ~13 GiB/s).
+shared again after restore). Changed groups are copied into buffers that are kept and reused
+between saves (fresh memory costs page faults: ~2 GiB/s against ~13 GiB/s).
+
+Which groups are unchanged is decided soundly, not from torch's version counter alone: native
+kernels write some tensors without bumping it (BatchNorm's running statistics in train mode), and so
+do ``.data``, NumPy, DLPack, raw pointers and C extensions. A group whose storage, span, layout and
+version counters match the last committed snapshot is therefore only a *candidate*:
+
+- a CPU group torch allocated is not copied; the writer hashes its live bytes before the manifest
+  is committed (``verify_reused``) and a mismatch makes the snapshot be retaken (the group is then
+  copied at every save until a save finds it unchanged again);
+- module buffers, groups once caught changing behind the counter, CUDA memory and memory torch does
+  not own (``torch.from_numpy``) are copied, and the writer reuses the stored entry when the copy
+  hashes the same (nothing is written).
+
+A snapshot therefore holds the bytes each tensor had at the safe point, whatever wrote them, except
+when a tensor is changed and then changed back to exactly its previously saved bytes between the two
+moments (the safe point and the writer's check); the README states this limit.
 """
 
 from __future__ import annotations
@@ -14,8 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import escapes
-from .blobfile import DTYPE_CODES, torch_dtype_name
+from .blobfile import DTYPE_CODES, hash_bytes, torch_dtype_name
 
 _TensorBase = torch._C.TensorBase
 
@@ -47,7 +59,8 @@ class Group:
     identity: tuple = ()
     versions: tuple[int, ...] = ()
     reuse: StoredEntry | None = None
-    suspect: bool = False  # same tensors and versions as last time, copied only for an escape
+    verify: bool = False  # reused unseen: the writer checks the live bytes before the commit
+    suspect: bool = False  # same tensors and versions as last time, copied because counters can't vouch
     buffer: torch.Tensor | None = None  # uint8 copy of the span (or a live view when streaming)
 
     @property
@@ -115,7 +128,7 @@ def _describe(key: str, tensor: torch.Tensor, seen: dict[str, tuple] | None) -> 
         hit = seen.get(key)
         if hit is not None and hit[0] == sig:
             return hit[1]
-    storage = escapes.raw_untyped_storage(tensor)
+    storage = tensor.untyped_storage()
     address = storage.data_ptr()
     skey = (str(tensor.device), address) if address else (key, id(tensor))
     begin, end = _span(tensor)
@@ -143,6 +156,22 @@ def _layout(group: Group, key: str, tensor: torch.Tensor) -> dict:
     }
 
 
+def _live_view(group: Group) -> torch.Tensor:
+    """The group's span of its live storage, as bytes."""
+    view = torch.empty(0, dtype=torch.uint8, device=group.device)
+    return view.set_(group.members[0][1].untyped_storage(), group.begin, (group.nbytes,))
+
+
+def live_hash(group: Group) -> str:
+    """Hash of the group's live bytes, as its stored entry would have it (CUDA memory is copied)."""
+    if not group.nbytes:
+        return hash_bytes(b"")
+    view = _live_view(group)
+    if view.device.type != "cpu":
+        view = view.cpu()
+    return hash_bytes(memoryview(view.numpy()).cast("B"))
+
+
 def available_memory() -> int | None:
     """Bytes of RAM the kernel says are available, or None where unknown."""
     try:
@@ -165,36 +194,37 @@ class StagingArea:
         self._seen: dict[str, tuple] = {}  # tensor key -> (signature, description): see _describe
         self._layouts: dict[str, tuple] = {}  # tensor key -> (what it depends on, manifest entry)
         self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
-        self._since = 0  # escape-log counter at the last staging
-        if track_changes:
-            escapes.install()
+        self._flagged: set[str] = set()  # groups caught changing behind their version counters
 
-    def _unchanged(self, group: Group) -> StoredEntry | None:
+    def _unchanged(self, group: Group, volatile: frozenset | set = frozenset()) -> StoredEntry | None:
+        """The stored entry a group may reuse, or None to copy it (see the module docstring)."""
         previous = self._committed.get(group.key)
-        if previous is None:
+        if previous is None or previous[0] != group.identity or previous[1] != group.versions:
             return None
-        same = previous[0] == group.identity and previous[1] == group.versions
-        if (
-            same
-            and self.track_changes
-            and group.resizable
-            and not escapes.LOG.may_have_changed(group.storage_key, self._since)
-        ):
+        trusted = (self.track_changes and group.resizable and group.device.type == "cpu"
+                   and group.key not in self._flagged and group.storage_key not in volatile)
+        if trusted:
+            group.verify = True
             return previous[2]
-        group.suspect = same or not self.track_changes  # hashed before writing: maybe not written at all
+        group.suspect = True  # copied, then hashed by the writer: maybe not written at all
         return None
 
     def would_copy(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Whether any of these tensors changed since the last committed snapshot (nothing is copied)."""
+        """Whether any of these tensors differs from the last committed snapshot (by content for
+        those whose identity and counters match; nothing is staged)."""
         for group in group_tensors(tensors, self._seen):
             _identify(group)
-            if self._unchanged(group) is None:
+            previous = self._committed.get(group.key)
+            if previous is None or previous[0] != group.identity or previous[1] != group.versions:
+                return True
+            if live_hash(group) != previous[2].hash:
                 return True
         return False
 
-    def stage(self, tensors: dict[str, torch.Tensor], *, allow_streaming: bool = True) -> StagedSnapshot:
-        """Decide per group (reuse or copy), and copy the changed ones into buffers."""
-        mark = escapes.LOG.now()
+    def stage(self, tensors: dict[str, torch.Tensor], *, volatile: frozenset | set = frozenset(),
+              allow_streaming: bool = True) -> StagedSnapshot:
+        """Decide per group (reuse or copy), and copy the changed ones into buffers. ``volatile``:
+        storage keys whose version counters are not trusted (module buffers)."""
         if len(self._seen) > 2 * len(tensors) + 64:
             self._seen = {k: v for k, v in self._seen.items() if k in tensors}
         groups = group_tensors(tensors, self._seen)
@@ -203,18 +233,29 @@ class StagingArea:
             _identify(group)
             for (key, tensor), member in zip(group.members, group.member_ids, strict=True):
                 staged.layouts[key] = self._layout(group, key, tensor, member)
-            group.reuse = self._unchanged(group)
+            group.reuse = self._unchanged(group, volatile)
             if group.reuse is not None:
                 staged.reused_bytes += group.nbytes
         changed = [g for g in groups if g.reuse is None]
         staged.streaming = allow_streaming and not self._room_for(changed)
         for group in changed:
-            group.buffer = self._live_view(group) if staged.streaming and group.device.type == "cpu" else self._copy(group)
+            group.buffer = _live_view(group) if staged.streaming and group.device.type == "cpu" else self._copy(group)
             staged.staged_bytes += group.nbytes
         if any(g.device.type == "cuda" for g in changed):
             torch.cuda.synchronize()
-        self._since = mark
         return staged
+
+    def verify_reused(self, groups: list[Group]) -> list[Group]:
+        """The reused groups whose live bytes no longer hash to their stored entry. Those whose
+        counters did not move either were written behind them: they are copied from now on."""
+        stale = []
+        for group in groups:
+            if group.reuse is None or not group.verify or live_hash(group) == group.reuse.hash:
+                continue
+            stale.append(group)
+            if tuple(t._version for _, t in group.members) == group.versions:
+                self._flagged.add(group.key)
+        return stale
 
     def _layout(self, group: Group, key: str, tensor: torch.Tensor, member: tuple) -> dict:
         cache = (group.key, group.begin, member, tensor.requires_grad)
@@ -236,11 +277,6 @@ class StagingArea:
         buffer = self._buffers.get(group.key)
         return buffer if buffer is not None and buffer.numel() == group.nbytes else None
 
-    @staticmethod
-    def _live_view(group: Group) -> torch.Tensor:
-        view = torch.empty(0, dtype=torch.uint8, device=group.device)
-        return view.set_(escapes.raw_untyped_storage(group.members[0][1]), group.begin, (group.nbytes,))
-
     def _copy(self, group: Group) -> torch.Tensor:
         buffer = self._reusable(group)
         if buffer is None:
@@ -248,12 +284,15 @@ class StagingArea:
             buffer = torch.empty(group.nbytes, dtype=torch.uint8, pin_memory=pin)
             self._buffers[group.key] = buffer
         if group.nbytes:
-            buffer.copy_(self._live_view(group), non_blocking=group.device.type == "cuda")
+            buffer.copy_(_live_view(group), non_blocking=group.device.type == "cuda")
         return buffer
 
     def commit(self, groups: list[Group], entries: dict[str, StoredEntry]) -> None:
         """Record what a committed snapshot holds, so the next save can skip unchanged groups."""
         for group in groups:
+            previous = self._committed.get(group.key)
+            if group.key in self._flagged and previous is not None and previous[2] == entries[group.key]:
+                self._flagged.discard(group.key)  # found unchanged: its counters are trusted again
             self._committed[group.key] = (group.identity, group.versions, entries[group.key])
 
     def drop_missing(self, store) -> None:

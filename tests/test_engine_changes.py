@@ -3,7 +3,6 @@ tensor is seen by the next snapshot."""
 
 from __future__ import annotations
 
-import gc
 import random
 
 import numpy as np
@@ -233,6 +232,9 @@ def test_once_a_change_is_saved_the_tensor_is_free_again(tmp_path, change):
     guard.save({"model": net, "opt": opt}, wait=True)
     change(net, None)
     guard.save({"model": net, "opt": opt}, wait=True)
+    # A write behind the version counter (.data) makes the next save copy the tensor once more; a
+    # save that finds it unchanged trusts its counter again.
+    guard.save({"model": net, "opt": opt}, wait=True)
     guard.save({"model": net, "opt": opt}, wait=True)
     assert guard.last_stats.staged_bytes == rng_bytes(guard.load().manifest)  # the generators only
 
@@ -284,7 +286,7 @@ def test_a_tensor_over_numpy_memory_changed_through_numpy_is_saved_again(tmp_pat
 
 
 def test_two_guards_in_one_process_both_see_a_write_through_data(tmp_path):
-    """The escape log is process-wide: a save by one Guard must not hide a .data write from another."""
+    """A save by one Guard must not hide a .data write from another."""
     from nbguard import Guard, load
 
     model = nn.Linear(16, 16)
@@ -299,23 +301,3 @@ def test_two_guards_in_one_process_both_see_a_write_through_data(tmp_path):
     fresh = nn.Linear(16, 16)
     load(tmp_path / "a", run="a").restore({"model": fresh})
     assert torch.equal(fresh.weight, model.weight)
-
-
-def test_memory_handed_to_numpy_is_distrusted_while_any_array_over_it_lives():
-    from nbguard import escapes
-
-    escapes.install()
-    tensor = torch.ones(1000)
-    key = escapes.storage_key(tensor)
-    array = tensor.numpy()
-    view = array[2:]  # keeps the array's base alive after the array itself is gone
-    del array
-    gc.collect()
-    assert escapes.LOG.may_have_changed(key, escapes.LOG.now())
-    del view
-    gc.collect()
-    after = escapes.LOG.now()
-    assert escapes.LOG.may_have_changed(key, after - 1)  # the moment the last array went counts as a write
-    # ...and after that the address is trusted again: the memory may belong to a new tensor by now
-    # (before, any tensor later allocated there was copied at every save)
-    assert not escapes.LOG.may_have_changed(key, after)
