@@ -74,8 +74,9 @@ def test_batchnorm2d_running_statistics_are_saved_as_they_are_at_each_save(tmp_p
         assert_snapshot_is(guard, expected)
 
 
-def test_batchnorm1d_statistics_reach_the_snapshot(tmp_path):
-    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 1))
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.SyncBatchNorm])  # SyncBatchNorm: unsynchronised here
+def test_batchnorm1d_statistics_reach_the_snapshot(tmp_path, norm):
+    model = nn.Sequential(nn.Linear(6, 5), norm(5), nn.Linear(5, 1))
     opt = torch.optim.Adam(model.parameters())
     guard = Guard(tmp_path, run="bn1d", report=None)
     for _ in range(4):
