@@ -23,8 +23,10 @@ import torch
 from . import rng
 from .discover import Discovery, discover
 from .errors import NbguardError, SnapshotError
+from .frame_state import FrameNamespace, capture_locals
 from .humanize import ago, clock
 from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
+from .loops.reach import reach
 from .manifest import SnapshotInfo
 from .session import CellOptions, Session
 from .snapshot import Snapshot
@@ -49,6 +51,9 @@ class CheckpointedCell:
         self.report = session.report
         self.run_name = run
         self.cell = instrument_cell(source, filename=filename)
+        # Loops of the notebook's functions the cell calls are safe points too (train_loop(), train_model()).
+        self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops))
+        self.local_skip = frozenset().union(*(f.targets for f in self.reach.functions))
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
         self.labels = _loop_labels(source, self.cell.loops)
@@ -67,7 +72,7 @@ class CheckpointedCell:
 
     # -- state -------------------------------------------------------------------------------
     def _discover(self) -> Discovery:
-        self.discovery = discover(self.source, dict(self.namespace), include=self.options.state,
+        self.discovery = discover(self.source, self.namespace, include=self.options.state,
                                   exclude=self.options.exclude)
         return self.discovery
 
@@ -113,18 +118,24 @@ class CheckpointedCell:
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, positions: list[LoopPosition] | None, *, completed: bool = False, tags: tuple[str, ...] = (),
-             note: str | None = None, wait: bool = False):
+             note: str | None = None, wait: bool = False, frames: list | None = None):
         state = self.state()
+        if frames:
+            state.update(capture_locals(frames, state, self.local_skip))
         if not self._said_captured and self.discovery is not None:
             self._said_captured = True
             self.report(self.discovery.describe())
         loops = [[p.loop_id, p.completed, p.birth, list(p.reused) if p.reused is not None else None]
                  for p in positions or []]
-        position: dict[str, Any] = {self.labels.get(p.loop_id, f"loop{p.loop_id}"): p.completed
-                                    for p in positions or []}
+        position: dict[str, Any] = {}
+        for index, p in enumerate(positions or []):
+            label = self.labels.get(p.loop_id) or {0: "epoch", 1: "batch"}.get(index, f"loop{index + 1}")
+            position[label if label not in position else f"{label}{index + 1}"] = p.completed
         if completed:
             position["completed"] = True
-        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed}
+        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed,
+                 # other names of saved objects ('model' for 'model_ft'): a re-run may know only those yet
+                 "aliases": dict(self.discovery.aliases) if self.discovery is not None else {}}
         at_epoch_end = positions is None or len(positions) <= 1
         handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
                                  tags=tags, extra=extra, wait=wait)
@@ -138,7 +149,7 @@ class CheckpointedCell:
             self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
             return
         tags = ("interrupted",) if interrupted else ()
-        handle = self.save(point.positions, tags=tags, wait=interrupted)
+        handle = self.save(point.positions, tags=tags, wait=interrupted, frames=point.frames)
         if "shutdown" in reasons:
             self._shutdown_after_save(handle)
         if "interrupt" in reasons:
@@ -213,7 +224,16 @@ class CheckpointedCell:
         return ResumePlan(positions=positions)
 
     def _restore(self, snapshot: Snapshot) -> None:
-        report = snapshot.restore(self._discover().objects, namespace=self.namespace)
+        frames = self.runtime.frames if self.runtime is not None else []
+        namespace = FrameNamespace(self.namespace, frames)
+        objects = dict(self._discover().objects)
+        for alias, target in _extra(snapshot).get("aliases", {}).items():
+            if target not in objects and alias in objects:
+                objects[target] = objects[alias]
+            elif target not in objects and alias in self.namespace:
+                objects[target] = self.namespace[alias]
+        report = snapshot.restore(objects, namespace=namespace)
+        namespace.apply()
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         info = snapshot.info
@@ -271,9 +291,25 @@ class CheckpointedCell:
         snapshot, problems = self._find_resume()
         for problem in problems:
             self.report(problem)
+        reachable = bool(self.cell.loops or self.reach.functions)
+        if not reachable:
+            self._say_unreachable()
+            if snapshot is not None and not _extra(snapshot).get("completed"):
+                self._said(f"snapshot {snapshot.info.id} was taken while this cell ran; nbguard cannot resume inside "
+                           f"a loop it cannot reach, so the cell runs from the start (`%nbguard restore "
+                           f"{snapshot.info.id}` loads that state instead)")
+                snapshot = None
         plan = self._plan(snapshot) if snapshot is not None else None
+        if plan is not None and plan.completed and not self.cell.loops:
+            # The loops live in functions: running the cell again would run the code after their loops
+            # with fresh local variables (best weights loaded from the start). The final state is all.
+            self.session.last_cell = self
+            self._restore(snapshot)
+            self.finished = True
+            return
         self.runtime = LoopRuntime(
             self.cell,
+            functions=self.reach.functions,
             on_safe_point=self._on_safe_point,
             capture_birth=self._capture_birth,
             apply_birth=self._apply_birth,
@@ -283,7 +319,8 @@ class CheckpointedCell:
         )
         self.session.running_cell = self
         self.session.last_cell = self
-        previous_sigint = _install(signal.SIGINT, self._on_sigint)
+        # Without a safe point an interrupt stops the cell at once (KeyboardInterrupt), saved below.
+        previous_sigint = _install(signal.SIGINT, self._on_sigint) if reachable else None
         runtime = self.runtime
         self.guard.on_retake = lambda: runtime.request_safe_point("retake")  # a save found stale bytes
         timer = threading.Thread(target=self._timer, name="nbguard-timer", daemon=True)
@@ -296,6 +333,11 @@ class CheckpointedCell:
         except StopAfterSave:
             raise
         except KeyboardInterrupt:
+            if not reachable:
+                self.save(None, tags=("interrupted",), wait=True)
+                self._said(f"interrupted — saved the state as it was{self._last_text()} (the cell starts from the "
+                           "beginning when run again; `%nbguard restore` loads this state)")
+                raise
             self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
             raise
         except Exception:
@@ -308,6 +350,14 @@ class CheckpointedCell:
             self.guard.on_retake = None
             _restore_handler(signal.SIGINT, previous_sigint)
             self.session.running_cell = None
+
+    def _say_unreachable(self) -> None:
+        calls = ", ".join(f"{c}()" for c in self.reach.foreign[:2]) or "this cell"
+        refused = "".join(f"; {name}(): {why}" for name, why in list(self.reach.refused.items())[:2])
+        self._said(f"no training loop nbguard can reach: {calls} runs its loop in code outside the notebook{refused}. "
+                   "Saved: at the end of the cell, on interrupt (at once) and at shutdown; not during the loop. "
+                   "To be protected while it trains, write the loop in the notebook (a function defined in an "
+                   "earlier cell works), or use the library's own checkpointing")
 
     def _last_text(self) -> str:
         self.guard.flush(10)

@@ -196,6 +196,9 @@ def test_objects_missing_from_the_kernel_are_named(store):
 
 
 def test_without_a_namespace_restore_says_how_to_get_one(store):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()  # a shell left by an earlier test would lend its namespace
     folder, _ = store
     p = nbguard.panel(folder)  # no IPython here: no namespace
     assert p.namespace is None

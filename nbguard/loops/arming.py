@@ -2,12 +2,14 @@
 
 While nothing is pending the cell runs untraced. On a request:
 
-* Python 3.12+: ``sys.monitoring`` local JUMP events on the cell's code object, from any thread;
-  the callback sees the backward jump onto a loop's ``FOR_ITER``.
+* Python 3.12+: ``sys.monitoring`` local JUMP events on the instrumented code objects (the cell's
+  and those of the functions it calls), from any thread; the callback sees the backward jump onto a
+  loop's ``FOR_ITER``.
 * Python 3.10/3.11: ``sys.settrace`` can only be turned on by the thread it traces, so another
   thread calls ``_thread.interrupt_main(ARM_SIGNAL)``; the handler installed for that spare signal
-  runs in the main thread between two bytecodes and sets ``f_trace`` on the cell's frame. The line
-  event at a loop's ``FOR_ITER`` only follows a backward jump, i.e. the end of an iteration.
+  runs in the main thread between two bytecodes and sets ``f_trace`` on every instrumented frame of
+  the stack. The line event at a loop's ``FOR_ITER`` only follows a backward jump, i.e. the end of an
+  iteration.
 
 Either way the event is switched off again at the safe point, before the callback runs.
 """
@@ -33,6 +35,13 @@ ARM_SIGNAL: int | None = ARM_SIGNALS[0] if ARM_SIGNALS else None
 _TOOL_IDS = (4, 3)  # sys.monitoring ids that no standard tool claims (0-2 and 5 are named)
 
 OnIterationEnd = Callable[[int], None]
+#: id(code object) -> (the code object, {bytecode offset of a loop's FOR_ITER: loop id})
+Ends = dict[int, tuple[CodeType, dict[int, int]]]
+
+
+def ends_of(*units: tuple[CodeType, dict[int, int]]) -> Ends:
+    """The iteration ends of several code objects, keyed for the arming classes."""
+    return {id(code): (code, ends) for code, ends in units}
 
 
 class Arming(Protocol):
@@ -44,18 +53,18 @@ class Arming(Protocol):
     def disarm(self) -> None: ...
 
 
-def make_arming(code: CodeType, ends: dict[int, int], on_end: OnIterationEnd) -> Arming:
+def make_arming(ends: Ends, on_end: OnIterationEnd) -> Arming:
     """The cheapest mechanism this interpreter offers."""
     if sys.version_info >= (3, 12):
-        return MonitoringArming(code, ends, on_end)
-    return TraceArming(code, ends, on_end)
+        return MonitoringArming(ends, on_end)
+    return TraceArming(ends, on_end)
 
 
 class MonitoringArming:
-    """sys.monitoring JUMP events, local to the cell's code object (3.12+)."""
+    """sys.monitoring JUMP events, local to the instrumented code objects (3.12+)."""
 
-    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd):
-        self.code, self.ends, self.on_end = code, ends, on_end
+    def __init__(self, ends: Ends, on_end: OnIterationEnd):
+        self.ends, self.on_end = ends, on_end
         self.armed = False
         self._tool: int | None = None
         self._fallback: TraceArming | None = None
@@ -71,7 +80,7 @@ class MonitoringArming:
             self._tool = tool
             monitoring.register_callback(tool, monitoring.events.JUMP, self._on_jump)
             return
-        self._fallback = TraceArming(self.code, self.ends, self.on_end)  # every id taken: trace instead
+        self._fallback = TraceArming(self.ends, self.on_end)  # every id taken: trace instead
         self._fallback.install()
 
     def uninstall(self) -> None:
@@ -95,19 +104,23 @@ class MonitoringArming:
         with self._lock:
             if self._tool is not None and not self.armed:
                 self.armed = True
-                sys.monitoring.set_local_events(self._tool, self.code, sys.monitoring.events.JUMP)  # type: ignore[attr-defined]
+                for code, _ in self.ends.values():
+                    sys.monitoring.set_local_events(self._tool, code, sys.monitoring.events.JUMP)  # type: ignore[attr-defined]
 
     def disarm(self) -> None:
         if self._fallback is not None:
             self._fallback.disarm()
         elif self.armed and self._tool is not None:
             self.armed = False
-            sys.monitoring.set_local_events(self._tool, self.code, 0)  # type: ignore[attr-defined]
+            for code, _ in self.ends.values():
+                sys.monitoring.set_local_events(self._tool, code, 0)  # type: ignore[attr-defined]
 
     def _on_jump(self, code: CodeType, offset: int, destination: int) -> Any:
-        loop_id = self.ends.get(destination)
-        if loop_id is not None and code is self.code and self.armed:
-            self.on_end(loop_id)
+        entry = self.ends.get(id(code))
+        if entry is not None and entry[0] is code and self.armed:
+            loop_id = entry[1].get(destination)
+            if loop_id is not None:
+                self.on_end(loop_id)
 
 
 def _untrace_child() -> None:
@@ -123,10 +136,10 @@ if hasattr(os, "register_at_fork"):
 
 
 class TraceArming:
-    """sys.settrace on the cell's frame, switched on in the main thread through a spare signal."""
+    """sys.settrace on the instrumented frames, switched on in the main thread through a spare signal."""
 
-    def __init__(self, code: CodeType, ends: dict[int, int], on_end: OnIterationEnd):
-        self.code, self.ends, self.on_end = code, ends, on_end
+    def __init__(self, ends: Ends, on_end: OnIterationEnd):
+        self.ends, self.on_end = ends, on_end
         self.signum: int | None = None
         self.armed = False
         self._thread = threading.get_ident()
@@ -135,8 +148,7 @@ class TraceArming:
         self._sent = False
         self._lock = threading.Lock()
         self._previous_trace: Any = None
-        self._frame: FrameType | None = None
-        self._previous_local: Any = None
+        self._frames: list[tuple[FrameType, Any]] = []  # instrumented frames traced, with their own f_trace
 
     @property
     def cross_thread(self) -> bool:
@@ -185,9 +197,10 @@ class TraceArming:
             return
         self.armed = False
         sys.settrace(self._previous_trace)
-        if self._frame is not None:
-            self._frame.f_trace = self._previous_local
-        self._frame = self._previous_trace = self._previous_local = None
+        for frame, previous in self._frames:
+            frame.f_trace = previous
+        self._frames = []
+        self._previous_trace = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self._sent:  # a real signal of that number: pass it on
@@ -198,21 +211,25 @@ class TraceArming:
         if frame is not None:
             self._arm_here(frame)
 
+    def _instrumented(self, frame: FrameType) -> dict[int, int] | None:
+        entry = self.ends.get(id(frame.f_code))
+        return entry[1] if entry is not None and entry[0] is frame.f_code else None
+
     def _arm_here(self, frame: FrameType | None) -> None:
         if self.armed:
             return
-        while frame is not None and frame.f_code is not self.code:
-            frame = frame.f_back
         self._previous_trace = sys.gettrace()
         self.armed = True
-        sys.settrace(self._on_call)  # also catches the cell's frame if it has not started yet
-        if frame is not None:
-            self._frame, self._previous_local = frame, frame.f_trace
-            frame.f_trace = self._on_line
+        sys.settrace(self._on_call)  # also catches instrumented frames that have not started yet
+        while frame is not None:
+            if self._instrumented(frame) is not None:
+                self._frames.append((frame, frame.f_trace))
+                frame.f_trace = self._on_line
+            frame = frame.f_back
 
     def _on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code is self.code and self.armed:
-            self._frame, self._previous_local = frame, None
+        if self.armed and self._instrumented(frame) is not None:
+            self._frames.append((frame, None))
             return self._on_line
         return None
 
@@ -220,7 +237,8 @@ class TraceArming:
         if not self.armed:
             return None
         if event == "line":
-            loop_id = self.ends.get(frame.f_lasti)
+            ends = self._instrumented(frame)
+            loop_id = ends.get(frame.f_lasti) if ends is not None else None
             if loop_id is not None:
                 self.on_end(loop_id)  # may disarm, and may raise into the cell
                 if not self.armed:

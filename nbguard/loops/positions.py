@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..errors import RestoreError, UsageError
@@ -29,6 +29,9 @@ class SafePoint:
 
     reasons: set[str]
     positions: list[LoopPosition]
+    #: (index in positions, function name, frame) of each function call on the path, at its
+    #: outermost loop: where that function's local variables are read from.
+    frames: list[tuple[int, str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,14 @@ class ResumePlan:
         object.__setattr__(self, "positions", tuple(positions))
 
 
-def check_plan(plan: ResumePlan, loops: list[LoopInfo]) -> None:
-    """Refuse positions that cannot come from a safe point of this cell."""
+def check_plan(plan: ResumePlan, loops: list[LoopInfo], function_tops: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """Refuse positions that cannot come from a safe point of this cell. A function's outermost
+    loop (``function_tops``) may sit inside any loop: it nests where the function is called."""
     parent = None
     for position in plan.positions:
         known = 0 <= position.loop_id < len(loops)
-        if not known or loops[position.loop_id].parent != parent or position.completed < 0:
+        nests = known and (loops[position.loop_id].parent == parent or position.loop_id in function_tops)
+        if not nests or position.completed < 0:
             path = [(p.loop_id, p.completed) for p in plan.positions]
             raise RestoreError(f"the snapshot's loop positions {path} do not fit this cell's {len(loops)} loops: it "
                                "was taken by another version of the cell. Run it again without resuming")

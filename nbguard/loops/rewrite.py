@@ -1,7 +1,9 @@
-"""Rewrite a cell's own loops so that the end of each iteration can become a safe point.
+"""Rewrite a cell's own loops, and those of the functions it calls, so that the end of each
+iteration can become a safe point.
 
 Every ``for`` and ``while`` statement of the cell's module-level code (not those inside a def, a
-lambda, a class body or a comprehension) becomes::
+lambda, a class body or a comprehension), or of one function's body (``instrument_function``: the
+function keeps its identity, only its ``__code__`` is swapped while a guarded run is active), becomes::
 
     if __nbguard__.enter(ID):                    # birth of the iterable; False = skip the loop
         for TARGET in __nbguard__.loop(ID, ITER):  # the real iterator, position readable
@@ -28,8 +30,10 @@ import ast
 import copy
 import dis
 import hashlib
+import inspect
+import textwrap
 from dataclasses import dataclass, field
-from types import CodeType
+from types import CodeType, FunctionType
 from typing import Literal, NamedTuple
 
 RESERVED_NAME = "__nbguard__"
@@ -45,8 +49,9 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 class LoopInfo(NamedTuple):
-    """One loop of the cell. ``id`` is its pre-order number, ``depth`` how many cell loops enclose
-    it, ``parent`` the id of the innermost of those (None at the top level)."""
+    """One loop of a cell or function. ``id`` is its pre-order number (numbered on from the cell's
+    loops for the functions'), ``depth`` how many loops of the same code enclose it, ``parent`` the
+    id of the innermost of those (None at the top level of its code)."""
 
     id: int
     kind: Literal["for", "while"]
@@ -63,6 +68,7 @@ class LoopMeta:
     has_else: bool
     placeholders_ok: bool  # a DataLoader reached only through pass-through wrappers may skip without loading
     else_loops: tuple[int, int] | None  # id range [first, last] of the loops inside the else clause
+    body: tuple[int, int] = (0, 0)  # first and last line of the loop's body: a call from there runs inside it
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,39 @@ class InstrumentedCell:
     fingerprint: str
     meta: list[LoopMeta] = field(repr=False)
     iteration_ends: dict[int, int] = field(repr=False)  # bytecode offset of a loop's FOR_ITER -> loop id
+    name: str = "the cell"
+
+
+@dataclass(frozen=True)
+class InstrumentedFunction:
+    """A function of the notebook (or script) with its loops rewritten. ``install()`` swaps the new
+    code into the function object, so every caller, however it holds the function, runs it;
+    ``uninstall()`` puts the original back."""
+
+    function: FunctionType
+    name: str
+    original: CodeType
+    code: CodeType
+    loops: list[LoopInfo]
+    fingerprint: str
+    meta: list[LoopMeta] = field(repr=False)
+    iteration_ends: dict[int, int] = field(repr=False)
+    targets: frozenset[str] = frozenset()  # names bound by its for-loops (batches: never state)
+
+    def install(self) -> None:
+        self.function.__code__ = self.code
+
+    def uninstall(self) -> None:
+        if self.function.__code__ is self.code:
+            self.function.__code__ = self.original
+
+
+Unit = InstrumentedCell | InstrumentedFunction
+
+
+class NotInstrumentable(Exception):
+    """A function whose loops cannot be rewritten (no source, a generator, a closure that does not
+    compile back to the same cells); the reason is the message."""
 
 
 def fingerprint(source: str) -> str:
@@ -101,8 +140,69 @@ def instrument_cell(source: str, filename: str = "<cell>", flags: int = 0) -> In
                             _iteration_ends(code, rewriter.locations))
 
 
+def instrument_function(function: FunctionType, first_id: int) -> InstrumentedFunction:
+    """Rewrite the loops of ``function``'s body, numbering them from ``first_id``. Raises
+    ``NotInstrumentable`` (with the reason) when that cannot be done faithfully."""
+    original = function.__code__
+    if original.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
+        raise NotInstrumentable("it is a generator or coroutine")
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise NotInstrumentable(f"its source is not available ({exc})") from None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise NotInstrumentable(f"its source does not parse alone ({exc.msg})") from None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef) or node.name != original.co_name:
+        raise NotInstrumentable("its source is not a plain def (a lambda or a generated function)")
+    ast.increment_lineno(tree, original.co_firstlineno - node.lineno)
+    digest = hashlib.sha256(ast.dump(node).encode()).hexdigest()[:32]
+    targets = frozenset(n.id for loop in ast.walk(node) if isinstance(loop, ast.For)
+                        for n in ast.walk(loop.target) if isinstance(n, ast.Name))
+    node.decorator_list = []  # only the code object is taken; the function object stays the user's
+    rewriter = _Rewriter(first_id)
+    node.body = rewriter.block(node.body, 0, None)
+    if not rewriter.loops:
+        raise NotInstrumentable("it has no loops")
+    module = ast.Module(body=[_enclosed(node, original.co_freevars)], type_ignores=[])
+    ast.fix_missing_locations(module)
+    compiled = compile(module, original.co_filename, "exec", dont_inherit=True)
+    code = _find_code(compiled, original.co_name, bool(original.co_freevars))
+    if code is None or code.co_freevars != original.co_freevars:
+        raise NotInstrumentable("its closure does not compile back to the same variables")
+    return InstrumentedFunction(function, function.__qualname__, original, code, rewriter.loops, digest,
+                                rewriter.meta, _iteration_ends(code, rewriter.locations), targets)
+
+
+def _enclosed(node: ast.FunctionDef, freevars: tuple[str, ...]) -> ast.stmt:
+    """The def alone, or inside an outer def that binds its free variables (so they compile as cells)."""
+    if not freevars:
+        return node
+    binds: list[ast.stmt] = [ast.Assign(targets=[ast.Name(v, ast.Store())], value=ast.Constant(None)) for v in freevars]
+    outer = ast.FunctionDef(name="__nbguard_outer__", args=ast.arguments([], [], None, [], [], None, []),
+                            body=[*binds, node, ast.Return(ast.Constant(None))], decorator_list=[], returns=None,
+                            type_comment=None, **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}))
+    for stmt in (outer, *binds):
+        _locate(stmt, node)
+        for child in ast.walk(stmt):
+            if not hasattr(child, "lineno") and isinstance(child, (ast.expr, ast.stmt)):
+                _locate(child, node)
+    return outer
+
+
+def _find_code(module: CodeType, name: str, nested: bool) -> CodeType | None:
+    consts = module.co_consts
+    if nested:
+        outer = next((c for c in consts if isinstance(c, CodeType) and c.co_name == "__nbguard_outer__"), None)
+        consts = outer.co_consts if outer is not None else ()
+    return next((c for c in consts if isinstance(c, CodeType) and c.co_name == name), None)
+
+
 class _Rewriter:
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 0) -> None:
+        self.first_id = first_id
         self.loops: list[LoopInfo] = []
         self.meta: list[LoopMeta] = []
         self.locations: dict[tuple[int, int], int] = {}  # (line, column) of a generated For or its iterable
@@ -125,14 +225,16 @@ class _Rewriter:
         return node
 
     def loop(self, node: ast.For | ast.While, depth: int, parent: int | None) -> ast.stmt:
-        loop_id = len(self.loops)
+        loop_id = self.first_id + len(self.loops)
         kind: Literal["for", "while"] = "for" if isinstance(node, ast.For) else "while"
         self.loops.append(LoopInfo(loop_id, kind, node.lineno, depth, parent))
         self.meta.append(None)  # type: ignore[arg-type]  # filled below, after the body got its ids
+        body_lines = (node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno)
         body = self.block(node.body, depth + 1, loop_id)
-        first_else = len(self.loops)
+        first_else = self.first_id + len(self.loops)
         orelse = self.block(node.orelse, depth, parent)
-        else_loops = (first_else, len(self.loops) - 1) if len(self.loops) > first_else else None
+        last = self.first_id + len(self.loops) - 1
+        else_loops = (first_else, last) if last >= first_else else None
 
         if isinstance(node, ast.For):
             header_end = node.iter.end_lineno or node.lineno
@@ -156,7 +258,8 @@ class _Rewriter:
         _locate(new, node)
         self.locations[(new.lineno, new.col_offset)] = loop_id
         self.locations[(call.lineno, call.col_offset)] = loop_id
-        self.meta[loop_id] = LoopMeta((node.lineno, header_end), bool(node.orelse), placeholders_ok, else_loops)
+        self.meta[loop_id - self.first_id] = LoopMeta((node.lineno, header_end), bool(node.orelse), placeholders_ok,
+                                                      else_loops, body_lines)
 
         guard = ast.If(test=_runtime_call("enter", [ast.Constant(loop_id)], node), body=[new], orelse=[])
         if else_loops is not None:

@@ -1,7 +1,9 @@
 """The runtime the rewritten cell calls into: loop positions, safe points and resume.
 
 The rewritten code calls ``enter(id)`` before a loop's iterable is built and ``loop(id, iterable)``
-to get the iterator the ``for`` statement runs on; nothing runs per iteration. A request
+to get the iterator the ``for`` statement runs on; nothing runs per iteration. Loops of functions
+the cell calls (``functions``) nest where they are called: a function's outermost loop sits inside
+the innermost loop its caller is running, so positions describe the whole call chain. A request
 (``request_safe_point``, from any thread or a signal handler) only queues a reason and arms the
 event of ``arming.py``; the callback runs at the next iteration end of any of the cell's loops, in
 the thread running the cell.
@@ -12,18 +14,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from ..errors import RestoreError, UsageError
 from . import iterators
-from .arming import make_arming
+from .arming import ends_of, make_arming
 from .dataloaders import MODULE as DATALOADER_MODULE
 from .dataloaders import LoaderPatch
 from .positions import LoopPosition, ResumePlan, SafePoint, check_plan
-from .rewrite import RESERVED_NAME, InstrumentedCell, LoopInfo, LoopMeta
+from .rewrite import RESERVED_NAME, InstrumentedCell, InstrumentedFunction, LoopInfo, LoopMeta, Unit
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +34,8 @@ class _Activation:
 
     info: LoopInfo
     meta: LoopMeta
+    depth: int = 0  # index in the stack: loops of the caller chain enclosing it
+    frame: FrameType | None = None  # the frame running the loop (a function's, or the cell's)
     birth: Any = None
     src: Any = None  # what positions are read from
     reader: Callable[[Any], int] | None = None
@@ -67,6 +71,7 @@ class LoopRuntime:
         self,
         cell: InstrumentedCell,
         *,
+        functions: Sequence[InstrumentedFunction] = (),
         on_safe_point: Callable[[SafePoint], None],
         capture_birth: Callable[[], Any] | None = None,
         apply_birth: Callable[[Any], None] | None = None,
@@ -77,8 +82,14 @@ class LoopRuntime:
         if every_iter is not None and (not isinstance(every_iter, int) or every_iter < 1):
             raise UsageError(f"every_iter must be a positive number of iterations, not {every_iter!r}")
         self.cell = cell
-        self._loops = cell.loops
-        self._meta = cell.meta
+        self.functions = tuple(functions)
+        units: tuple[Unit, ...] = (cell, *self.functions)
+        self._loops = [info for unit in units for info in unit.loops]
+        self._meta = [meta for unit in units for meta in unit.meta]
+        if any(info.id != index for index, info in enumerate(self._loops)):
+            raise UsageError("the functions' loops must be numbered on from the cell's, in order")
+        self._unit_of: list[Unit] = [unit for unit in units for _ in unit.loops]
+        self._unit_by_code: dict[int, Unit] = {id(unit.code): unit for unit in units}
         self._on_safe_point = on_safe_point
         self._capture_birth = capture_birth
         self._apply_birth = apply_birth
@@ -86,18 +97,19 @@ class LoopRuntime:
         self._every = every_iter
         self._plan = resume
         if resume is not None:
-            check_plan(resume, cell.loops)
+            check_plan(resume, self._loops, {info.id for info in self._loops[len(cell.loops):] if info.parent is None})
         self._path = 0  # how many loops of the resume path were entered
         self._stack: list[_Activation] = []  # index = depth; deeper entries may be stale
         self._window: _Activation | None = None  # the loop whose iterable is being built
         self._reasons: collections.deque[str] = collections.deque()
         self._running = False
         self._firing = False
-        self._arming = make_arming(cell.code, cell.iteration_ends, self._iteration_end)
-        # Where the cell's frame stands while a loop fetches its next item: 3.12+ may report the
-        # FOR_ITER's inline cache entry instead of the instruction.
+        self._arming = make_arming(ends_of(*((unit.code, unit.iteration_ends) for unit in units)), self._iteration_end)
+        # Where a frame stands while a loop fetches its next item: 3.12+ may report the FOR_ITER's
+        # inline cache entry instead of the instruction.
         steps = (0, 2) if sys.version_info >= (3, 12) else (0,)
-        self._fetching = {offset + step: loop_id for offset, loop_id in cell.iteration_ends.items() for step in steps}
+        self._fetching = {id(unit.code): {offset + step: loop_id for offset, loop_id in unit.iteration_ends.items()
+                                          for step in steps} for unit in units}
         self._loader_patch: LoaderPatch | None = None
         self.resumed = False
         self.safe_points = 0
@@ -111,6 +123,8 @@ class LoopRuntime:
         if self._running:
             raise UsageError("this LoopRuntime is already running a cell")
         self._arming.install()
+        for function in self.functions:
+            function.install()
         try:
             self._patch_loaders()
             self._running = True
@@ -121,6 +135,8 @@ class LoopRuntime:
                                    "its data changed. Run it again without resuming")
         finally:
             self._running = False
+            for function in self.functions:
+                function.uninstall()
             self._arming.uninstall()
             if self._loader_patch is not None:
                 self._loader_patch.uninstall()
@@ -153,13 +169,20 @@ class LoopRuntime:
         """Before a loop's iterable is built. False: skip the loop (resume)."""
         info = self._loops[loop_id]
         stack = self._stack
-        del stack[info.depth:]
+        frame = sys._getframe(1)
+        if info.parent is not None:
+            depth = self._index_of(info.parent) + 1
+        elif self._unit_of[loop_id] is self.cell:
+            depth = 0
+        else:
+            depth = self._base_depth(frame.f_back)
+        del stack[depth:]
         self._window = None
         if self._loader_patch is None and DATALOADER_MODULE in sys.modules:
             self._patch_loaders()
         if self._reasons and not self._arming.armed and not self._firing:
             self._arming.arm()  # a request left over by a callback that raised
-        activation = _Activation(info, self._meta[loop_id])
+        activation = _Activation(info, self._meta[loop_id], depth, frame)
         if self._plan is not None:
             if not self._enter_resumed(activation):
                 return False
@@ -190,7 +213,7 @@ class LoopRuntime:
                 self._skip(activation, it)
                 if self._path == len(self._plan.positions):  # type: ignore[union-attr]
                     self._finish_resume()
-            if self._every is not None and activation.info.depth == 0:
+            if self._every is not None and activation.depth == 0:
                 it = self._every_iter(activation, it)
             return it
         finally:
@@ -199,7 +222,7 @@ class LoopRuntime:
 
     def stop(self, loop_id: int) -> None:
         """A rewritten while loop's condition turned false: end its counter so its else clause runs."""
-        self._stack[self._loops[loop_id].depth].stopped = True
+        self._stack[self._index_of(loop_id)].stopped = True
 
     def skipped_else(self, loop_id: int) -> bool:
         """Whether the else clause of a loop skipped on resume holds the resume point."""
@@ -210,11 +233,45 @@ class LoopRuntime:
         return span[0] <= plan.positions[self._path].loop_id <= span[1]
 
     # -- safe points -----------------------------------------------------------------------------
+    # -- where a loop sits in the call chain ----------------------------------------------------
+    def _index_of(self, loop_id: int) -> int:
+        """Stack index of the innermost activation of ``loop_id``; -1 when it is not on the stack."""
+        stack = self._stack
+        for index in range(len(stack) - 1, -1, -1):
+            if stack[index].info.id == loop_id:
+                return index
+        return -1
+
+    def _base_depth(self, frame: FrameType | None) -> int:
+        """Where a function's outermost loop nests: one below the innermost loop that its nearest
+        instrumented caller is running (0 when none is)."""
+        while frame is not None:
+            unit = self._unit_by_code.get(id(frame.f_code))
+            if unit is not None and unit.code is frame.f_code:
+                line = frame.f_lineno
+                enclosing = [info for info, meta in zip(unit.loops, unit.meta, strict=True)
+                             if meta.body[0] <= line <= meta.body[1]]
+                for info in sorted(enclosing, key=lambda i: -i.depth):
+                    index = self._index_of(info.id)
+                    if index >= 0:
+                        return index + 1
+                if unit is self.cell:
+                    return 0
+            frame = frame.f_back
+        return 0
+
+    @property
+    def frames(self) -> list[tuple[int, str, FrameType]]:
+        """(stack index, function name, frame) of each function call on the current loop path, at
+        its outermost loop: where the function's local variables live."""
+        return [(index, self._unit_of[a.info.id].name, a.frame) for index, a in enumerate(self._stack)
+                if a.info.parent is None and a.frame is not None and self._unit_of[a.info.id] is not self.cell]
+
     def _iteration_end(self, loop_id: int) -> None:
         """From the armed event: the loop's next item is about to be fetched."""
-        depth = self._loops[loop_id].depth
+        depth = self._index_of(loop_id)
         stack = self._stack
-        if len(stack) <= depth or stack[depth].info.id != loop_id or stack[depth].stopped or self._firing:
+        if depth < 0 or stack[depth].stopped or self._firing:
             return  # not the end of a live iteration: stay armed
         if self._every is not None and depth == 0:
             done = stack[0].consumed()
@@ -237,7 +294,7 @@ class LoopRuntime:
         self.safe_points += 1
         self._firing = True
         try:
-            self._on_safe_point(SafePoint(reasons, positions))
+            self._on_safe_point(SafePoint(reasons, positions, [f for f in self.frames if f[0] <= depth]))
         finally:
             self._firing = False
         if self._reasons and self._running:
@@ -262,11 +319,13 @@ class LoopRuntime:
                 self._finish_resume()
             return False
         target = plan.positions[self._path]
-        parent = self._stack[info.depth - 1] if info.depth else None
-        inside_path = info.depth == self._path and (
+        depth = activation.depth
+        parent = self._stack[depth - 1] if depth else None
+        inside_path = depth == self._path and (
             parent is None or (parent.plan is not None and parent.consumed() == parent.plan.completed + 1))
-        if inside_path and info.id < target.loop_id:
-            return False  # an earlier loop of the same iteration: it had finished before the snapshot
+        other_unit = self._unit_of[info.id] is not self._unit_of[target.loop_id]
+        if inside_path and (info.id < target.loop_id or (other_unit and info.parent is None)):
+            return False  # an earlier loop of the same iteration (or of a function called before): it had finished
         if not inside_path or info.id != target.loop_id:
             raise RestoreError(f"cannot resume: the snapshot was taken in {self._describe(target.loop_id)}, but the "
                                f"re-run reached {self._describe(info.id)} instead; the cell or its data changed. "
@@ -330,21 +389,20 @@ class LoopRuntime:
     def _attribute(self, loader: Any, passes_through: Callable[[FrameType, Any], bool]) -> tuple[_Activation, bool] | None:
         """The loop whose iterable is iterating ``loader`` right now (None: some other code), and
         whether the batches reach it unchanged."""
-        code = self.cell.code
         frame = sys._getframe(2)
         unchanged = True
-        while frame is not None and frame.f_code is not code:
+        while frame is not None and id(frame.f_code) not in self._fetching:
             unchanged = unchanged and passes_through(frame, loader)
             frame = frame.f_back
         if frame is None:
             return None
-        loop_id = self._fetching.get(frame.f_lasti)
+        loop_id = self._fetching[id(frame.f_code)].get(frame.f_lasti)
         activation: _Activation | None = None
         if loop_id is not None:  # the loop fetches an item and its iterable starts the loader lazily
-            depth = self._loops[loop_id].depth
-            if depth < len(self._stack) and self._stack[depth].info.id == loop_id:
-                activation = self._stack[depth]
-        elif self._window is not None:
+            index = self._index_of(loop_id)
+            if index >= 0:
+                activation = self._stack[index]
+        elif self._window is not None and self._window.frame is frame:
             first, last = self._window.meta.header
             if first <= frame.f_lineno <= last:
                 activation = self._window
@@ -361,4 +419,6 @@ class LoopRuntime:
 
     def _describe(self, loop_id: int) -> str:
         info = self._loops[loop_id]
-        return f"the {info.kind} loop of line {info.lineno}"
+        unit = self._unit_of[loop_id]
+        where = f" in {unit.name}()" if unit is not self.cell else ""
+        return f"the {info.kind} loop of line {info.lineno}{where}"
