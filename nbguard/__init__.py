@@ -2,6 +2,11 @@
 
 In a notebook: ``%load_ext nbguard``, then ``%%checkpointed`` on the training cell. In a script::
 
+    @nbguard.checkpointed(every="10m")
+    def train(epochs): ...          # same autosave and exact resume, no resume code
+
+or, by hand::
+
     guard = nbguard.Guard("checkpoints", run="mnist")
     guard.save({"model": model, "opt": opt}, metrics={"loss": loss}, position={"epoch": epoch})
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .catalog import Catalog, Comparison, GcReport
+from .decorator import checkpointed
 from .errors import (
     CaptureError,
     CorruptSnapshotError,
@@ -52,6 +58,7 @@ __all__ = [
     "StoreError",
     "UsageError",
     "__version__",
+    "checkpointed",
     "default_dir",
     "load",
     "load_ipython_extension",

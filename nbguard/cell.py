@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .discover import Discovery, discover
+from .discover import Discovery, discover, why_not_plain
 from .errors import NbguardError, SnapshotError
 from .frame_state import FrameNamespace, capture_locals
 from .humanize import ago, clock
@@ -31,6 +31,8 @@ from .manifest import SnapshotInfo
 from .session import CellOptions, Session
 from .snapshot import Snapshot
 
+RESULT_NAME = "__nbguard_result__"  # where a guarded function call (nbguard.checkpointed) leaves its result
+RESULT_KEY = "nbguard.result"  # ... and the name a plain result is saved under (never a notebook variable)
 STEP_NAMES = {"step", "steps", "global_step", "iteration", "it", "itr", "iter_num"}
 DOUBLE_INTERRUPT_SECONDS = 3.0
 
@@ -43,7 +45,7 @@ class CheckpointedCell:
     """One execution of a guarded cell."""
 
     def __init__(self, source: str, namespace: MutableMapping[str, Any], options: CellOptions, session: Session,
-                 *, run: str, filename: str = "<checkpointed>"):
+                 *, run: str, filename: str = "<checkpointed>", entry: Any = None):
         self.source = source
         self.namespace = namespace
         self.options = options
@@ -52,7 +54,8 @@ class CheckpointedCell:
         self.run_name = run
         self.cell = instrument_cell(source, filename=filename)
         # Loops of the notebook's functions the cell calls are safe points too (train_loop(), train_model()).
-        self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops))
+        self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops),
+                           entries=[entry] if entry is not None else [])
         self.local_skip = frozenset().union(*(f.targets for f in self.reach.functions))
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
@@ -68,6 +71,7 @@ class CheckpointedCell:
         self._said_captured = False
         self._done = threading.Event()
         self.finished = False
+        self.result: Any = None  # what a guarded function returned (nbguard.checkpointed)
         self._generator_cache: dict[str, torch.Generator] | None = None
 
     # -- state -------------------------------------------------------------------------------
@@ -133,7 +137,11 @@ class CheckpointedCell:
             position[label if label not in position else f"{label}{index + 1}"] = p.completed
         if completed:
             position["completed"] = True
-        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed,
+        if completed and RESULT_NAME in self.namespace:
+            state, result = self._with_result(state)
+        else:
+            result = None
+        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed, "result": result,
                  # other names of saved objects ('model' for 'model_ft'): a re-run may know only those yet
                  "aliases": dict(self.discovery.aliases) if self.discovery is not None else {}}
         at_epoch_end = positions is None or len(positions) <= 1
@@ -141,6 +149,17 @@ class CheckpointedCell:
                                  tags=tags, extra=extra, wait=wait)
         self.saves += 1
         return handle
+
+    def _with_result(self, state: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """A guarded function's result, for a re-run of a finished run: the name of the saved object
+        it is, or a plain value saved under RESULT_NAME; None when it can be neither."""
+        value = self.namespace[RESULT_NAME]
+        for name, obj in state.items():
+            if obj is value and not isinstance(value, (int, float, str, bool, type(None))):
+                return state, name
+        if why_not_plain(value) is None:
+            return {**state, RESULT_KEY: value}, RESULT_KEY
+        return state, None
 
     def _on_safe_point(self, point) -> None:
         reasons = set(point.reasons)
@@ -160,7 +179,7 @@ class CheckpointedCell:
 
     def _shutdown_after_save(self, handle) -> None:
         self.guard.flush(30)
-        self.report("saved a snapshot before shutting down (SIGTERM); run the notebook again to resume")
+        self.report("saved a snapshot before shutting down (SIGTERM); run it again to resume from there")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -306,6 +325,10 @@ class CheckpointedCell:
             self.session.last_cell = self
             self._restore(snapshot)
             self.finished = True
+            result = _extra(snapshot).get("result")
+            if result is not None:
+                self.result = self.namespace.pop(RESULT_KEY, None) if result == RESULT_KEY else \
+                    self._discover().objects.get(result, self.namespace.get(result))
             return
         self.runtime = LoopRuntime(
             self.cell,
@@ -330,6 +353,7 @@ class CheckpointedCell:
                 self.runtime.execute(self.namespace)
             self.save(None, completed=True, tags=("final",), wait=True)
             self.finished = True
+            self.result = self.namespace.get(RESULT_NAME)
         except StopAfterSave:
             raise
         except KeyboardInterrupt:

@@ -111,9 +111,9 @@ class FrameNamespace(MutableMapping[str, Any]):
             rebound = {}
             for name, value in values.items():
                 live = current.get(name)
-                if type(live) is type(value) and isinstance(value, list):
+                if isinstance(live, list) and type(live) is type(value):
                     live[:] = value
-                elif type(live) is type(value) and isinstance(value, dict):
+                elif isinstance(live, dict) and type(live) is type(value):
                     live.clear()
                     live.update(value)
                 else:

@@ -39,6 +39,7 @@ EXPORTED = [
     "StoreError",
     "UsageError",
     "__version__",
+    "checkpointed",
     "default_dir",
     "load",
     "load_ipython_extension",

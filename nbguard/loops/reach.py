@@ -28,14 +28,16 @@ class Reach:
     foreign: list[str] = field(default_factory=list)  # top-level calls of the cell into other modules' code
 
 
-def reach(tree: ast.Module, namespace: Mapping[str, object], first_id: int) -> Reach:
-    """Instrument the user's functions reachable from the cell ``tree``; loop ids go on from ``first_id``."""
+def reach(tree: ast.Module, namespace: Mapping[str, object], first_id: int, entries: Iterable[object] = ()) -> Reach:
+    """Instrument the user's functions reachable from the cell ``tree`` (and from ``entries``, callables
+    the cell calls through names of its own); loop ids go on from ``first_id``."""
     out = Reach()
     seen: set[int] = set()
-    queue = list(_names(tree))
+    queue: list[object] = [*entries, *_names(tree)]
     while queue and len(seen) < MAX_FUNCTIONS:
-        name = queue.pop(0)
-        for function in _functions_behind(namespace.get(name), namespace):
+        item = queue.pop(0)
+        target = namespace.get(item) if isinstance(item, str) else item
+        for function in _functions_behind(target, namespace):
             if id(function) in seen:
                 continue
             seen.add(id(function))
@@ -73,6 +75,8 @@ def _functions_behind(value: object, namespace: Mapping[str, object]) -> Iterabl
     function, or the methods of a user's class (for a class or one of its instances)."""
     if isinstance(value, types.MethodType):
         value = value.__func__
+    while isinstance(value, types.FunctionType) and value.__globals__ is not namespace and hasattr(value, "__wrapped__"):
+        value = value.__wrapped__  # a decorator's wrapper (functools.wraps): the user's function inside
     func = getattr(value, "func", None)  # functools.partial
     if func is not None and not isinstance(value, types.FunctionType):
         value = func

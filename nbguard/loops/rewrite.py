@@ -183,7 +183,9 @@ def _enclosed(node: ast.FunctionDef, freevars: tuple[str, ...]) -> ast.stmt:
     binds: list[ast.stmt] = [ast.Assign(targets=[ast.Name(v, ast.Store())], value=ast.Constant(None)) for v in freevars]
     outer = ast.FunctionDef(name="__nbguard_outer__", args=ast.arguments([], [], None, [], [], None, []),
                             body=[*binds, node, ast.Return(ast.Constant(None))], decorator_list=[], returns=None,
-                            type_comment=None, **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}))
+                            type_comment=None)
+    if "type_params" in ast.FunctionDef._fields:  # 3.12+
+        outer.type_params = []  # type: ignore[attr-defined]
     for stmt in (outer, *binds):
         _locate(stmt, node)
         for child in ast.walk(stmt):
