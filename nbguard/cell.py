@@ -330,6 +330,10 @@ class CheckpointedCell:
                 self.result = self.namespace.pop(RESULT_KEY, None) if result == RESULT_KEY else \
                     self._discover().objects.get(result, self.namespace.get(result))
             return
+        try:
+            self.guard.prepare(self.state())  # staging memory warmed up beside the first iterations
+        except NbguardError:
+            pass  # whatever stops a save is reported by that save
         self.runtime = LoopRuntime(
             self.cell,
             functions=self.reach.functions,

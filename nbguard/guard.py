@@ -143,6 +143,12 @@ class Guard:
                 break
         return handle
 
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Get staging memory ready for ``state`` in the background (the first save then stalls no
+        longer than a steady one). Cheap to call; the guarded run calls it as it starts."""
+        with self._lock:
+            self._staging.prefault(capture(state, with_rng=False).tensors)
+
     def _save_once(self, state: Mapping[str, Any], metrics: dict[str, float], position: Any, note: str | None,
                    tags: Iterable[str], extra: Any) -> SaveHandle[SnapshotInfo]:
         started = time.perf_counter()

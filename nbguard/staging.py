@@ -23,6 +23,7 @@ moments (the safe point and the writer's check); the README states this limit.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +196,7 @@ class StagingArea:
         self._layouts: dict[str, tuple] = {}  # tensor key -> (what it depends on, manifest entry)
         self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
         self._flagged: set[str] = set()  # groups caught changing behind their version counters
+        self._prefault: threading.Thread | None = None
 
     def _unchanged(self, group: Group, volatile: frozenset | set = frozenset()) -> StoredEntry | None:
         """The stored entry a group may reuse, or None to copy it (see the module docstring)."""
@@ -221,10 +223,36 @@ class StagingArea:
                 return True
         return False
 
+    def prefault(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Allocate and touch the staging buffers these tensors will need, on a background thread, so
+        that the first save copies into warm memory (fresh memory costs page faults: the first save
+        of a session used to stall ~2x a steady one). The next ``stage`` waits for it to finish."""
+        self.wait_prefault()
+        groups = group_tensors(tensors)  # not the shared memo: this runs beside training
+        needed = [(g.key, g.nbytes, g.device.type == "cuda") for g in groups
+                  if g.nbytes and self._reusable(g) is None]
+        if not needed or not self._room_for(groups):
+            return
+
+        def touch() -> None:
+            for key, nbytes, pin in needed:
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+                buffer.zero_()  # faults every page in now (torch releases the GIL while it runs)
+                self._buffers.setdefault(key, buffer)
+
+        self._prefault = threading.Thread(target=touch, name="nbguard-prefault", daemon=True)
+        self._prefault.start()
+
+    def wait_prefault(self) -> None:
+        thread, self._prefault = self._prefault, None
+        if thread is not None:
+            thread.join()
+
     def stage(self, tensors: dict[str, torch.Tensor], *, volatile: frozenset | set = frozenset(),
               allow_streaming: bool = True) -> StagedSnapshot:
         """Decide per group (reuse or copy), and copy the changed ones into buffers. ``volatile``:
         storage keys whose version counters are not trusted (module buffers)."""
+        self.wait_prefault()
         if len(self._seen) > 2 * len(tensors) + 64:
             self._seen = {k: v for k, v in self._seen.items() if k in tensors}
         groups = group_tensors(tensors, self._seen)
@@ -318,6 +346,7 @@ class StagingArea:
 
     def drop_buffers(self) -> None:
         """Release the staging memory (it is allocated again by the next save)."""
+        self.wait_prefault()
         self._buffers.clear()
 
     @property
