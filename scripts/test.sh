@@ -1,7 +1,26 @@
 #!/usr/bin/env bash
-# Sets everything up (venv, packages, Chromium) and runs the whole test suite, end-to-end tests included.
+# Sets everything up (venv, packages, Chromium) and runs the whole test suite, end-to-end tests included,
+# then the interpreter-dependent tests again under each Python in NBGUARD_LEGS (scripts/test_leg.sh).
+# Extra arguments go to the main run's pytest. Exits non-zero if any leg fails; a skipped leg does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+legs=${NBGUARD_LEGS-3.12 3.13}
 bash scripts/setup.sh --dev
 . .venv/bin/activate
-python -m pytest -q -ra "$@"
+
+summary=() failed=0
+run_leg() {  # name, command...: runs it, timed; records passed / skipped / FAILED
+  local name=$1 start=$SECONDS rc=0 outcome
+  shift
+  echo "=== leg $name ==="
+  "$@" || rc=$?
+  case $rc in 0) outcome=passed ;; 77) outcome=skipped ;; *) outcome="FAILED (exit $rc)"; failed=1 ;; esac
+  summary+=("leg $name: $outcome in $((SECONDS - start)) s")
+}
+
+run_leg "$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])') (all tests)" python -m pytest -q -ra "$@"
+for version in $legs; do
+  run_leg "$version (-m interpreter)" bash scripts/test_leg.sh "$version"
+done
+printf '%s\n' "${summary[@]}"
+exit $failed
