@@ -33,27 +33,34 @@ venv=.venv-py$version
 log=$venv.install.log
 # What the installed venv was made from: re-installing is skipped while this is unchanged.
 stamp="$("$python" -VV) $PWD $(cat pyproject.toml "$0" | sha256sum)"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "" 2>/dev/null; then
+# A venv whose interpreter is gone or is another build (pyenv upgraded it) is made again.
+if [ "$("$venv/bin/python" -VV 2>/dev/null)" != "$("$python" -VV)" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
 fi
 if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]; then
   echo "leg $version: installing torch==2.13.0 and nbguard[dev] into $venv with $python (log: $log)"
   rm -f "$venv/.installed"
-  # No CPU wheel of torch for this Python here: pip takes the index's (CUDA) build, about 2 GB.
+  # The same torch as scripts/setup.sh; with no CPU wheel for this Python here, pip takes the
+  # index's (CUDA) build, about 2 GB.
   if ! "$venv/bin/python" -m pip install -q torch==2.13.0 >"$log" 2>&1; then
-    tail -n 5 "$log"
+    grep -v '^WARNING: Location' "$log" | tail -n 5
     echo "leg $version: SKIPPED: no torch==2.13.0 wheel installs for Python $version (see $log)"
     exit $SKIP
   fi
   if ! "$venv/bin/python" -m pip install -q -e '.[dev]' >>"$log" 2>&1; then
-    tail -n 20 "$log"
+    grep -v '^WARNING: Location' "$log" | tail -n 20
     echo "leg $version: FAILED: installing nbguard[dev] (see $log)"
     exit 1
   fi
   echo "$stamp" >"$venv/.installed"
 fi
 
-echo "leg $version: $("$venv/bin/python" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
-# PYTHONPATH: kernels spawned by the tests (sys.executable) import this checkout's nbguard too.
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -ra -m interpreter "$@"
+# Activated (replacing the main run's .venv): `python` in subprocesses and IPython's venv check see
+# this leg's venv; PYTHONPATH makes the kernels the tests spawn import this checkout's nbguard too.
+set +u
+. "$venv/bin/activate"
+set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "leg $version: $(python -c 'import sys, importlib.metadata as m; print(sys.version.split()[0], "torch", m.version("torch"))')"
+python -m pytest -q -ra -m interpreter "$@"
