@@ -19,6 +19,24 @@ import torch
 from nbguard.store import FsspecStore, LocalStore, MemoryStore, Store
 from tests.drive_emulator import emulated_drive_store, stop_emulated_drive_store
 
+# Test files whose outcome depends on the interpreter (bytecode of rewritten loops, sys.monitoring on
+# 3.12+ against settrace before, IPython's shell and kernels, pickling): they carry the `interpreter`
+# marker, and CI runs them again under every other Python it tests (scripts/test_leg.sh). Single
+# tests elsewhere can be marked with @pytest.mark.interpreter.
+INTERPRETER_DEPENDENT_FILES = frozenset({
+    "test_loops.py",
+    "test_loops_resume.py",
+    "test_magics.py",
+    "test_kernel_e2e.py",
+    "test_engine_roundtrip.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in INTERPRETER_DEPENDENT_FILES:
+            item.add_marker(pytest.mark.interpreter)
+
 
 class StoreFactory(NamedTuple):
     """How to make one kind of store for a test: ``make(tmp_path)`` returns a fresh, empty store;
