@@ -29,6 +29,7 @@ INTERPRETER_DEPENDENT_FILES = frozenset({
     "test_magics.py",
     "test_kernel_e2e.py",
     "test_engine_roundtrip.py",
+    "test_function_loops.py",  # frame locals are written back differently on 3.11/3.12 and 3.13
 })
 
 
