@@ -143,11 +143,13 @@ class Guard:
                 break
         return handle
 
-    def prepare(self, state: Mapping[str, Any]) -> None:
+    def prepare(self, state: Mapping[str, Any], *, wait: bool = False) -> None:
         """Get staging memory ready for ``state`` in the background (the first save then stalls no
-        longer than a steady one). Cheap to call; the guarded run calls it as it starts."""
+        longer than a steady one); ``wait`` blocks until it is. The guarded run calls it as it starts."""
         with self._lock:
             self._staging.prefault(capture(state, with_rng=False).tensors)
+            if wait:
+                self._staging.wait_prefault()
 
     def _save_once(self, state: Mapping[str, Any], metrics: dict[str, float], position: Any, note: str | None,
                    tags: Iterable[str], extra: Any) -> SaveHandle[SnapshotInfo]:

@@ -301,3 +301,19 @@ def test_two_guards_in_one_process_both_see_a_write_through_data(tmp_path):
     fresh = nn.Linear(16, 16)
     load(tmp_path / "a", run="a").restore({"model": fresh})
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_prepared_staging_memory_is_what_the_first_save_copies_into(tmp_path):
+    """Guard.prepare (called as a guarded run starts) allocates and faults in the staging buffers in
+    the background; the first save then copies into those, not into fresh memory."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64))
+    guard = Guard(tmp_path, run="prep", report=None)
+    guard.prepare({"model": model}, wait=True)
+    prepared = {key: buffer for key, buffer in guard._staging._buffers.items()}
+    assert sum(b.numel() for b in prepared.values()) >= sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    guard.save({"model": model}, wait=True)
+    after = guard._staging._buffers
+    assert all(after[key] is buffer for key, buffer in prepared.items())
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64))
+    guard.restore({"model": fresh}, rng=False)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
