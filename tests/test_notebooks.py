@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_quickstart", "02_survive_a_disconnect", "03_google_drive", "04_best_and_compare",
-         "05_fine_tune_frozen_backbone"]
+         "05_fine_tune_frozen_backbone", "06_training_in_functions"]
 CELL_TIMEOUT = 240
 
 
@@ -291,3 +291,14 @@ def test_a_kernel_next_to_the_default_snapshot_folder_still_loads_nbguard(tmp_pa
     finally:
         kernel.shutdown()
     assert error is None and "snapshots of this notebook go to" in out and "nbguard-snapshots" in out, out
+
+
+def test_06_training_in_functions(plain_runs):
+    nb = plain_runs("06_training_in_functions").nb
+    out = outputs(nb)
+    # a snapshot taken inside train_loop()'s batch loop, listed with its batch
+    listed = text_of(next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("%nbguard list")))
+    assert "batch" in listed, listed
+    assert "no training loop nbguard can reach: fake_library.fit()" in out
+    assert "Training complete" in out
+    fingerprint(out)
