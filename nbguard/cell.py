@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import rng
+from . import escapes, position_text, rng
+from .budget import Budget, TimeBudgetReached
+from .capture import capture
 from .discover import Discovery, discover
-from .errors import NbguardError, SnapshotError
+from .errors import NbguardError, RestoreError
 from .humanize import ago, clock
 from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
 from .manifest import SnapshotInfo
+from .resume_choice import choose, extra_of, loop_structure
 from .session import CellOptions, Session
 from .snapshot import Snapshot
 
@@ -34,7 +37,7 @@ DOUBLE_INTERRUPT_SECONDS = 3.0
 
 
 class StopAfterSave(KeyboardInterrupt):
-    """Raised at the safe point after an interrupt's snapshot was taken."""
+    """Raised at the safe point after an interrupt's snapshot was taken; its text says so."""
 
 
 class CheckpointedCell:
@@ -49,6 +52,12 @@ class CheckpointedCell:
         self.report = session.report
         self.run_name = run
         self.cell = instrument_cell(source, filename=filename)
+        self.structure = loop_structure(self.cell.loops)
+        self.origin: str | None = None  # the snapshot a --resume-from started this lineage at
+        self.cell_changed = False
+        self.budget: Budget | None = session.budget_for(options)
+        self._final_progress: list[tuple[str, int, int | None]] = []
+        self._restored_mark: Any = None  # the state as restored from a finished run's snapshot
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
         self.labels = _loop_labels(source, self.cell.loops)
@@ -124,28 +133,47 @@ class CheckpointedCell:
                                     for p in positions or []}
         if completed:
             position["completed"] = True
-        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed}
+        text = self._position_text(positions, completed)
+        if text:
+            position["label"] = text
+        extra = {"fingerprint": self.cell.fingerprint, "structure": self.structure, "loops": loops,
+                 "completed": completed, "origin": self.origin}
         at_epoch_end = positions is None or len(positions) <= 1
         handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
                                  tags=tags, extra=extra, wait=wait)
         self.saves += 1
         return handle
 
+    def _position_text(self, positions: list[LoopPosition] | None, completed: bool) -> str:
+        """'in epoch 3, after batch 27 of 48'; 'finished 5 of 5 epochs' for the final snapshot."""
+        if completed:
+            return position_text.describe(self._final_progress, finished=True)
+        done = []
+        for depth, p in enumerate(positions or []):
+            total = _loop_total(self.runtime, depth, p.loop_id)
+            done.append((self.labels.get(p.loop_id, f"loop{p.loop_id}"), p.completed, total))
+        return position_text.describe(done)
+
     def _on_safe_point(self, point) -> None:
         reasons = set(point.reasons)
         interrupted = "interrupt" in reasons or "shutdown" in reasons
+        stopping = interrupted or "budget" in reasons
         if reasons <= {"timer"} and self.guard.busy:
             self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
             return
-        tags = ("interrupted",) if interrupted else ()
-        handle = self.save(point.positions, tags=tags, wait=interrupted)
+        tags = ("interrupted",) if interrupted else ("budget",) if "budget" in reasons else ()
+        handle = self.save(point.positions, tags=tags, wait=stopping)
         if "shutdown" in reasons:
             self._shutdown_after_save(handle)
         if "interrupt" in reasons:
-            label = self.guard.last_saved.label if self.guard.last_saved else ""
-            print(f"nbguard: interrupted — saved a snapshot{f' at {label}' if label else ''}. "
-                  "Run the cell again to continue from there.", flush=True)
-            raise StopAfterSave()
+            raise StopAfterSave(f"interrupted — saved snapshot {self._last_text(brief=True)}. Run the cell again to "
+                                "continue from there")
+        if "budget" in reasons:
+            durable = self.session.make_durable(self.guard, max(1.0, self.budget.left()) if self.budget else 60.0)
+            raise TimeBudgetReached(
+                f"the time budget of {self.budget.text() if self.budget else '?'} is nearly used up: saved snapshot "
+                f"{self._last_text(brief=True)}{'' if durable else ' (not confirmed durable yet)'} and stopped. In a "
+                "new session run the notebook again (Run all): this cell continues from there")
 
     def _shutdown_after_save(self, handle) -> None:
         self.guard.flush(30)
@@ -154,8 +182,14 @@ class CheckpointedCell:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def save_if_changed(self, reason: str = "manual") -> bool:
-        """A final snapshot when the guarded objects changed since the last one (used at shutdown)."""
-        if self.guard.last_saved is None or not self.guard.changed_since_last(self.state()):
+        """A final snapshot when the guarded objects changed since the last one (used at shutdown).
+        One snapshot per state: a finished run restored as it was is not saved again."""
+        if self.guard.last_saved is None:
+            return False
+        state = self.state()
+        if self._restored_mark is not None and _state_mark(state) == self._restored_mark:
+            return False
+        if not self.guard.changed_since_last(state):
             return False
         self.save(None, completed=self.finished, tags=(reason,), wait=True)
         return True
@@ -182,27 +216,13 @@ class CheckpointedCell:
 
     # -- resume --------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
-        catalog = self.guard.catalog
-        options = self.options
-        if options.fresh:
-            return None, []
         start_point = self.session.start_points.pop((self.location, self.run_name), None)
-        ref = options.resume_from or start_point
-        if ref:
-            return catalog.get(ref, None if options.resume_from else self.run_name), []
-        try:
-            snapshot, skipped = catalog.latest_good(self.run_name)
-        except SnapshotError:
-            return None, [f"{path}: {problem}" for path, problem in catalog.problems.items()]
-        extra = _extra(snapshot)
-        if extra.get("fingerprint") != self.cell.fingerprint:
-            when = f"{ago(snapshot.info.created)} ({clock(snapshot.info.created)})"
-            label = f", {snapshot.info.label}" if snapshot.info.label else ""
-            self.report(f"snapshot {snapshot.id} ({when}{label}) was taken by an earlier version of this cell, so it "
-                        f"is not applied. To continue from it anyway: %%checkpointed --resume-from {snapshot.id} ; "
-                        "to start over and stop seeing this: --fresh")
-            return None, skipped
-        return snapshot, skipped
+        choice = choose(self.guard.catalog, self.run_name, fingerprint=self.cell.fingerprint,
+                        structure=self.structure, fresh=self.options.fresh, resume_from=self.options.resume_from,
+                        start_point=start_point)
+        self.origin = choice.origin
+        self.cell_changed = choice.changed
+        return choice.snapshot, choice.notes
 
     def _plan(self, snapshot: Snapshot) -> ResumePlan:
         extra = _extra(snapshot)
@@ -213,7 +233,12 @@ class CheckpointedCell:
         return ResumePlan(positions=positions)
 
     def _restore(self, snapshot: Snapshot) -> None:
-        report = snapshot.restore(self._discover().objects, namespace=self.namespace)
+        try:
+            report = snapshot.restore(self._discover().objects, namespace=self.namespace)
+        except RestoreError as exc:
+            raise RestoreError(f"{exc}. Snapshot {snapshot.id} does not fit the objects this notebook built: build "
+                               "the same model (and optimizer) as when it was taken, or start over with "
+                               "%%checkpointed --fresh") from None
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         info = snapshot.info
@@ -225,8 +250,9 @@ class CheckpointedCell:
             print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
                   f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
         else:
-            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}); restored {what} and the random "
-                  f"number generators ({', '.join(report.rng)})", flush=True)
+            changed = "; the cell changed since this snapshot (its loops are the same)" if self.cell_changed else ""
+            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}){changed}; restored {what} and the "
+                  f"random number generators ({', '.join(report.rng)})", flush=True)
         if report.missing:
             print(f"nbguard: not found in the notebook, so not restored: {', '.join(report.missing)} "
                   "(run the cell that creates them first)", flush=True)
@@ -256,6 +282,7 @@ class CheckpointedCell:
     def _timer(self) -> None:
         interval = self.options.every
         next_at = time.monotonic() + interval
+        budget_asked = False
         while not self._done.wait(min(0.5, max(0.0, next_at - time.monotonic()))):
             if self._timer_pending and not self.guard.busy:
                 self._timer_pending = False
@@ -263,6 +290,13 @@ class CheckpointedCell:
             if time.monotonic() >= next_at:
                 next_at = time.monotonic() + interval
                 self.runtime.request_safe_point("timer")
+            if self.budget is not None and not budget_asked and self.budget.due(self._save_cost()):
+                budget_asked = True
+                self.runtime.request_safe_point("budget")
+
+    def _save_cost(self) -> float:
+        stats = self.guard.last_stats
+        return stats.durable_after if stats is not None else 1.0
 
     def run(self) -> None:
         """Execute the cell under guard. Exceptions of the cell propagate (after a message)."""
@@ -289,7 +323,11 @@ class CheckpointedCell:
         try:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
-            self.save(None, completed=True, tags=("final",), wait=True)
+                self._final_progress = _top_progress(self.runtime, self.labels)
+            if plan is None or not plan.completed:
+                self.save(None, completed=True, tags=("final",), wait=True)
+            elif self.runtime.resumed:  # a finished run restored as it was: its final snapshot stands
+                self._restored_mark = _state_mark(self.state())
             self.finished = True
         except StopAfterSave:
             raise
@@ -306,9 +344,11 @@ class CheckpointedCell:
             _restore_handler(signal.SIGINT, previous_sigint)
             self.session.running_cell = None
 
-    def _last_text(self) -> str:
+    def _last_text(self, brief: bool = False) -> str:
         self.guard.flush(10)
         last = self.guard.last_saved or (self.resumed_from if self.resumed_from else None)
+        if brief:
+            return f"{last.id}{' (' + last.label + ')' if last.label else ''}" if last is not None else "(none)"
         if last is None:
             return " (none was taken yet)"
         return f" ({last.id}{', ' + last.label if last.label else ''}, {ago(last.created)})"
@@ -318,10 +358,44 @@ class CheckpointedCell:
 
 
 def _extra(snapshot: Snapshot) -> dict[str, Any]:
-    from .codec import decode
+    return extra_of(snapshot)
 
-    value = decode(snapshot.manifest["extra"], snapshot.tensor)
-    return value if isinstance(value, dict) else {}
+
+def _state_mark(state: dict[str, Any]) -> Any:
+    """What identifies a state without copying it: each tensor's storage, version and layout, and
+    the plain values as they would be stored."""
+    captured = capture(state, with_rng=False)
+    tensors = {key: (t.data_ptr(), t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+               for key, t in captured.tensors.items()}
+    values = {name: obj["tree"] for name, obj in captured.objects.items() if obj["kind"] == "value"}
+    return tensors, values, escapes.LOG.now()  # any side-door exposure since counts as a change
+
+
+def _loop_total(runtime: LoopRuntime | None, depth: int, loop_id: int) -> int | None:
+    """How many iterations the active loop at ``depth`` has in all, when its iterator can tell
+    (a DataLoader, a range, a list, enumerate over one of those); None otherwise. Best effort: it
+    reads the runtime's activation stack and never fails."""
+    try:
+        activation = runtime._stack[depth]  # type: ignore[union-attr]
+        if activation.info.id != loop_id or activation.info.kind != "for":
+            return None
+        return position_text.total_of(activation.src, activation.consumed())
+    except Exception:
+        return None
+
+
+def _top_progress(runtime: LoopRuntime, labels: dict[int, str]) -> list[tuple[str, int, int | None]]:
+    """(label, iterations done, total) of the last top-level loop that ran, for 'finished 5 of 5 epochs'."""
+    try:
+        activation = runtime._stack[0]
+        done = activation.consumed()
+        if activation.info.kind == "for":
+            total = position_text.total_of(activation.src, done)
+        else:
+            done, total = done - 1, None  # a while loop counts the test that ended it
+        return [(labels.get(activation.info.id, "loop"), done, total)] if done >= 0 else []
+    except Exception:
+        return []
 
 
 def _install(signum: int, handler: Callable) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from . import session as sessions
 from .cell import CheckpointedCell, StopAfterSave
@@ -19,7 +19,8 @@ from .errors import NbguardError, UsageError
 from .humanize import ago, clock
 from .humanize import size as human_size
 from .manifest import check_run_name, slug
-from .place import default_location, detect_platform, notebook_identity
+from .budget import default_budget, describe_default, parse_budget
+from .place import default_location, detect_platform, judge_location, notebook_identity
 from .retention import Policy
 from .session import CellOptions, Session, parse_duration
 
@@ -47,7 +48,10 @@ class NbguardMagics(Magics):
     @argument("--state", default=None, help="capture exactly these names: a,b,c")
     @argument("--exclude", default=None, help="do not capture these names: x,y")
     @argument("--fresh", action="store_true", help="ignore earlier snapshots and start a new run")
-    @argument("--resume-from", default=None, help="resume from this snapshot id")
+    @argument("--resume-from", default=None, help="resume from this snapshot id (once: later runs continue from "
+                                                  "the run's own newest snapshot)")
+    @argument("--budget", default=None, help="save and stop cleanly before this much time has passed, e.g. 11h30m "
+                                             "(default on Colab and Kaggle: before their session limit; 'off': none)")
     @cell_magic
     def checkpointed(self, line: str, cell: str) -> None:
         """Autosave the training state of this cell and resume it after a crash or disconnect.
@@ -68,32 +72,49 @@ class NbguardMagics(Magics):
         generator at the end of a loop iteration: on the timer, every N iterations, on interrupt
         and at shutdown. Run the cell again after a disconnect and it continues where it stopped.
         """
+        __tracebackhide__ = True  # IPython leaves nbguard's frames out of the user's traceback
+        # Every refusal raises, as a one-line UsageError: "Run all" must stop here, not go on to
+        # cells that would use an untrained model.
         try:
-            args = parse_argstring(self.checkpointed, line)
+            args = _parse(self.checkpointed.parser, line)
         except IPythonUsageError as exc:
-            print(f"nbguard: {exc}. The options are listed by %%checkpointed? (e.g. --every 10m --keep 3)")
-            return
+            raise IPythonUsageError(f"nbguard: {exc}. The options are listed by %%checkpointed? "
+                                    "(e.g. --every 10m --keep 3)") from None
         try:
             options = self._options(args)
             run = options.name or self._run_name(cell)
+            if args.dir is not None:
+                self._announce_dir(options.dir)
             source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
             guarded = CheckpointedCell(source, self.shell.user_ns, options, self.session, run=run,
                                        filename=self._filename())
-        except (NbguardError, SyntaxError) as exc:
-            print(f"nbguard: {exc}")
-            return
-        __tracebackhide__ = True  # IPython leaves nbguard's frames out of the user's traceback
+        except NbguardError as exc:
+            raise IPythonUsageError(f"nbguard: {exc}") from None
+        except SyntaxError as exc:
+            raise IPythonUsageError(f"nbguard: the cell does not parse: {exc.msg} (line {exc.lineno})") from None
         try:
             guarded.run()
-        except StopAfterSave:
-            return
+        except StopAfterSave as exc:
+            raise IPythonUsageError(f"nbguard: {exc}") from None
         except NbguardError as exc:
-            print(f"nbguard: {exc}")
+            raise IPythonUsageError(f"nbguard: {exc}") from None
+
+    def _announce_dir(self, location: str) -> None:
+        """A --dir the session has not used yet: say where snapshots go, whether that survives a
+        disconnect, and warn when the path looks like a mistyped Google Drive path."""
+        if location in self.session.announced:
             return
+        self.session.announced.add(location)
+        place = judge_location(location, self.session.platform)
+        print(f"nbguard: snapshots of this cell go to {place.path} ({place.why})", flush=True)
+        if place.warning:
+            print(f"nbguard: {place.warning}", flush=True)
 
     def _options(self, args: Any) -> CellOptions:
         base = self.session.defaults
         best = Policy.parse_best(args.best) if args.best else base.best
+        if args.dir is not None and not args.dir.strip():
+            raise UsageError("--dir '' names no folder: give a folder or URL, or leave --dir out for the default")
         return CellOptions(
             every=parse_duration(args.every) if args.every else base.every,
             every_iter=_positive(args.every_iter, "--every-iter") if args.every_iter is not None else base.every_iter,
@@ -105,6 +126,7 @@ class NbguardMagics(Magics):
             exclude=tuple(_names(args.exclude)) if args.exclude else (),
             fresh=args.fresh,
             resume_from=args.resume_from,
+            budget=(parse_budget(args.budget) or 0.0) if args.budget is not None else base.budget,
         )
 
     def _run_name(self, cell: str) -> str:
@@ -136,17 +158,19 @@ class NbguardMagics(Magics):
             %nbguard drive [FOLDER]              keep snapshots in Google Drive through its API
             %nbguard gc                          remove unused files
         """
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise IPythonUsageError(f"nbguard: {exc} in {line!r}") from None
         command, rest = (words[0], words[1:]) if words else ("status", [])
         handler = getattr(self, f"_cmd_{command.replace('-', '_')}", None)
         if handler is None:
-            print(f"nbguard: unknown command {command!r}: use status, save, list, restore, config, panel, drive or gc")
-            return None
+            raise IPythonUsageError(f"nbguard: unknown command {command!r}: use status, save, list, restore, config, "
+                                    "panel, drive or gc")
         try:
             return handler(rest)
         except NbguardError as exc:
-            print(f"nbguard: {exc}")
-            return None
+            raise IPythonUsageError(f"nbguard: {exc}") from None
 
     def _cmd_status(self, rest: list[str]) -> None:
         print(self.session.status_text())
@@ -207,6 +231,15 @@ class NbguardMagics(Magics):
               f"{human_size(report.freed)} freed")
 
 
+def _parse(parser: Any, line: str) -> Any:
+    """The magic's options, split as a shell would (quotes removed: --dir 'with space/x')."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise IPythonUsageError(f"{exc} in {line.strip()!r}") from None
+    return parser.parse_args(argv)
+
+
 def _positive(value: int, flag: str) -> int:
     if value < 1:
         raise UsageError(f"{flag} must be at least 1")
@@ -233,7 +266,8 @@ def load_extension(shell: Any) -> None:
     identity = notebook_identity(shell=shell)
     place = default_location(platform, identity)
     why = place.why if place.survives_disconnect else f"{place.why}; to keep them, mount Google Drive or run %nbguard drive"
-    session = Session(shell.user_ns, _report, place.path, place_text=why, notebook=identity.name)
+    session = Session(shell.user_ns, _report, place.path, place_text=why, notebook=identity.name,
+                      platform=platform, platform_budget=default_budget(platform))
     session.place_warning = place.warning
     session.install_handlers()
     magics = NbguardMagics(shell, session)
@@ -241,6 +275,9 @@ def load_extension(shell: Any) -> None:
     _loaded[id(shell)] = (magics, session)
     sessions.set_current(session)
     print(session.banner())
+    limit = describe_default(platform)
+    if limit:
+        print(f"nbguard: {limit}")
 
 
 def unload_extension(shell: Any) -> None:

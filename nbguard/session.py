@@ -10,10 +10,12 @@ import atexit
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .budget import Budget
 from .catalog import Catalog
 from .errors import UsageError
 from .guard import Guard, Reporter
@@ -23,6 +25,7 @@ from .manifest import SnapshotInfo
 from .retention import Policy
 
 DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+MIN_EVERY = 0.1  # below this the timer thread would only spin: saves coalesce at the writer anyway
 
 
 def parse_duration(text: str | float) -> float:
@@ -39,8 +42,8 @@ def parse_duration(text: str | float) -> float:
             value = float(number) * DURATION_UNITS[unit]
         except ValueError:
             raise UsageError(f"--every {text!r}: use a duration such as 30s, 10m or 1h") from None
-    if value <= 0:
-        raise UsageError(f"--every {text!r}: the interval must be positive")
+    if not value >= MIN_EVERY or value == float("inf"):
+        raise UsageError(f"--every {text!r}: the interval must be at least {MIN_EVERY:g} s (e.g. 30s, 10m or 1h)")
     return value
 
 
@@ -58,13 +61,14 @@ class CellOptions:
     exclude: tuple[str, ...] = ()
     fresh: bool = False
     resume_from: str | None = None
+    budget: float | None = None  # seconds from the cell's start; None: the platform's default; 0: none
 
     def policy(self) -> Policy:
         return Policy(keep=self.keep, best_metric=self.best[0] if self.best else None,
                       best_mode=self.best[1] if self.best else "min")
 
 
-CONFIG_KEYS = {"every", "every_iter", "keep", "best", "dir", "name"}
+CONFIG_KEYS = {"every", "every_iter", "keep", "best", "dir", "name", "budget"}
 
 
 @dataclass
@@ -77,6 +81,9 @@ class Session:
     place_text: str = ""
     notebook: str = "notebook"
     place_warning: str | None = None
+    platform: str = "ipython"
+    platform_budget: Budget | None = None  # the platform's session limit, when known
+    announced: set[str] = field(default_factory=set)  # --dir places already described to the user
     defaults: CellOptions = field(default_factory=CellOptions)
     guards: dict[tuple[str, str], Guard] = field(default_factory=dict)
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
@@ -96,10 +103,35 @@ class Session:
             settings["keep"] = _positive_int("keep", settings["keep"])
         if "every_iter" in settings:
             settings["every_iter"] = _positive_int("every_iter", settings["every_iter"])
+        if "budget" in settings and isinstance(settings["budget"], str):
+            from .budget import parse_budget
+
+            settings["budget"] = parse_budget(settings["budget"]) or 0.0
         if "best" in settings and isinstance(settings["best"], str):
             settings["best"] = Policy.parse_best(settings["best"])
         self.defaults = replace(self.defaults, **settings)
         return self.defaults
+
+    def budget_for(self, options: CellOptions) -> Budget | None:
+        """The time budget of a guarded cell starting now: ``--budget``, else the platform's."""
+        if options.budget == 0:
+            return None
+        if options.budget:
+            return Budget(options.budget, time.monotonic(), "--budget")
+        return self.platform_budget
+
+    def make_durable(self, guard: Guard, timeout: float) -> bool:
+        """Wait until the guard's last save is durable where it survives the session: written and
+        committed, uploaded and verified for a replicated store (Drive), flushed for a mount."""
+        deadline = time.monotonic() + timeout
+        ok = guard.flush(timeout)
+        store = guard.store
+        flush = getattr(store, "flush", None)
+        if callable(flush):
+            ok = bool(flush(max(0.0, deadline - time.monotonic()))) and ok
+        if getattr(store, "remote_kind", None) == "mount" and hasattr(os, "sync"):
+            os.sync()  # a finished write on a FUSE mount (Colab's Drive) is not yet in the cloud
+        return ok
 
     def store_location(self, options: CellOptions) -> str:
         return options.dir or self.default_dir
