@@ -191,11 +191,15 @@ class NbguardMagics(Magics):
         if not snapshots:
             print(f"nbguard: no snapshots in {catalog.store.url} yet")
             return
+        from .ui.model import storage_kind, storage_label
+
+        kind, remote = storage_kind(catalog.store)
         for s in snapshots:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in list(s.metrics.items())[:3])
             flags = " ".join(f"[{t}]" for t in (("pinned",) if s.pinned else ()) + s.tags)
+            where = storage_label(s.state, kind, remote)[0]  # the panel's words: "on disk", "safe in Drive"
             print(f"{s.id}  {s.run:<12} {clock(s.created)} ({ago(s.created)})  {s.label:<22} {metrics}  "
-                  f"{human_size(s.size)}  {s.state}  {flags}")
+                  f"{human_size(s.size)}  {where}  {flags}")
 
     def _cmd_restore(self, rest: list[str]) -> None:
         ref = rest[0] if rest else "latest"
@@ -218,9 +222,12 @@ class NbguardMagics(Magics):
     def _cmd_panel(self, rest: list[str]) -> Any:
         from .ui import open_panel
 
-        return open_panel(rest[0] if rest else self.session.default_dir, namespace=self.shell.user_ns,
-                          guard=self.session.active_guard(), place_text=self.session.place_text,
-                          on_restore=self.session.on_panel_restore)
+        location = rest[0] if rest else self.session.default_dir
+        cell = self.session.running_cell or self.session.last_cell
+        best = cell.options.best if cell is not None and cell.options.best else self.session.defaults.best
+        return open_panel(location, namespace=self.shell.user_ns, guard=self.session.active_guard(),
+                          place_text=self.session.place_sentence(location),
+                          on_restore=self.session.on_panel_restore, best_metric=":".join(best) if best else None)
 
     def _cmd_drive(self, rest: list[str]) -> None:
         print(self.session.connect_drive(rest[0] if rest else None))

@@ -133,6 +133,14 @@ class Session:
             os.sync()  # a finished write on a FUSE mount (Colab's Drive) is not yet in the cloud
         return ok
 
+    def place_sentence(self, location: str) -> str:
+        """'/path/to/folder (in your Google Drive)': where, and whether that survives a disconnect."""
+        if location == self.default_dir:
+            return f"{location} ({self.place_text})" if self.place_text else location
+        from .place import judge_location
+
+        return f"{location} ({judge_location(location, self.platform).why})"
+
     def store_location(self, options: CellOptions) -> str:
         return options.dir or self.default_dir
 

@@ -330,3 +330,21 @@ def test_ipython_syntax_inside_the_cell_works(shell, capsys):
     run(shell, SETUP)
     result = run(shell, "%%checkpointed\nfor epoch in range(2):\n    %time history.append(epoch)\n")
     assert result.success and shell.user_ns["history"] == [0, 1]
+
+
+def test_panel_header_and_list_use_the_same_plain_words(shell, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ipywidgets")
+    shell.run_line_magic("unload_ext", "nbguard")
+    monkeypatch.delenv("NBGUARD_DIR")
+    shell.run_line_magic("load_ext", "nbguard")
+    run(shell, SETUP)
+    assert run(shell, "%%checkpointed --best history\nfor epoch in range(2):\n    total += 1.5").success
+    capsys.readouterr()
+    shell.run_line_magic("nbguard", "list")
+    listed = capsys.readouterr().out
+    assert " on disk " in listed and " local " not in listed, listed
+    panel = shell.run_line_magic("nbguard", "panel")
+    header = panel.header.value
+    folder = os.path.join(str(tmp_path), "nbguard-snapshots")
+    assert f"stored in</span> {folder}" in header and "in in" not in header and "(in the current folder)" in header
+    assert "best" not in panel.table.value  # 'total' is an accumulator, and --best history is no number
