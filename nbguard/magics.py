@@ -6,6 +6,7 @@ shows the result. All logic lives in the core, which works the same from a plain
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any
 
@@ -82,6 +83,8 @@ class NbguardMagics(Magics):
                                     "(e.g. --every 10m --keep 3)") from None
         try:
             options = self._options(args)
+            if options.dir is None and (named := self.session.name_notebook_from_cell(cell)):
+                print(f"nbguard: {named}", flush=True)
             run = options.name or self._run_name(cell)
             if args.dir is not None:
                 self._announce_dir(options.dir)
@@ -276,6 +279,9 @@ def load_extension(shell: Any) -> None:
     session = Session(shell.user_ns, _report, place.path, place_text=why, notebook=identity.name,
                       platform=platform, platform_budget=default_budget(platform))
     session.place_warning = place.warning
+    # A kernel started by jupyter_client, papermill or nbconvert does not say which notebook it
+    # runs: rather than every such notebook sharing "notebook", name it after its training cell.
+    session.name_pending = identity.source == "default" and platform == "jupyter" and not os.environ.get("NBGUARD_DIR")
     session.install_handlers()
     magics = NbguardMagics(shell, session)
     shell.register_magics(magics)

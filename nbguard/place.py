@@ -246,6 +246,8 @@ def judge_location(location: str, platform: str, environ: Mapping[str, str] = os
     if typo:
         warning = f"{path} looks like a mistyped Google Drive path ({typo}): these folders are created on this " \
                   "machine's temporary disk. Check the spelling, e.g. /content/drive/MyDrive/…"
+        if platform == "colab":  # not in the Drive mount (or refused by it): the VM's own disk
+            return Place(place.path, platform, False, "on this machine's disk: lost when Colab recycles the VM", warning)
         return Place(place.path, place.platform, place.survives_disconnect, place.why, warning)
     return place
 
@@ -268,3 +270,22 @@ def mistyped_drive(path: str) -> str | None:
         if near(parts[3], "MyDrive"):
             return f"'{parts[3]}' instead of 'MyDrive'"
     return None
+
+
+def name_from_cell(source: str) -> str:
+    """A stable folder name for a notebook whose kernel does not say which notebook it runs: from
+    the names its guarded cell's loops use (``epoch``, ``range``, ``loader``...), which stay the same
+    when bounds, hyperparameters or prints are edited."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        tree = None
+    names: set[str] = set()
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, (ast.For, ast.While)):
+            parts = [node.target, node.iter] if isinstance(node, ast.For) else [node.test]
+            names.update(n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name))
+    key = " ".join(sorted(names)) or source.strip()
+    return f"cell-{hashlib.sha1(key.encode()).hexdigest()[:10]}"

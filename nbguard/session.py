@@ -84,6 +84,7 @@ class Session:
     platform: str = "ipython"
     platform_budget: Budget | None = None  # the platform's session limit, when known
     announced: set[str] = field(default_factory=set)  # --dir places already described to the user
+    name_pending: bool = False  # the notebook's name is unknown: taken from its first guarded cell
     defaults: CellOptions = field(default_factory=CellOptions)
     guards: dict[tuple[str, str], Guard] = field(default_factory=dict)
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
@@ -110,6 +111,8 @@ class Session:
         if "best" in settings and isinstance(settings["best"], str):
             settings["best"] = Policy.parse_best(settings["best"])
         self.defaults = replace(self.defaults, **settings)
+        if settings.get("dir"):
+            self.name_pending = False
         return self.defaults
 
     def budget_for(self, options: CellOptions) -> Budget | None:
@@ -132,6 +135,23 @@ class Session:
         if getattr(store, "remote_kind", None) == "mount" and hasattr(os, "sync"):
             os.sync()  # a finished write on a FUSE mount (Colab's Drive) is not yet in the cloud
         return ok
+
+    def name_notebook_from_cell(self, source: str) -> str | None:
+        """In a kernel that does not say which notebook it runs (started by jupyter_client,
+        papermill or nbconvert), name this notebook's folder after its first guarded cell instead
+        of sharing one folder with every such notebook. Returns the line to print, once."""
+        if not self.name_pending:
+            return None
+        from .place import FOLDER, name_from_cell
+
+        self.name_pending = False
+        self.notebook = name_from_cell(source)
+        self.default_dir = os.path.join(os.path.dirname(self.default_dir.rstrip(os.sep)), self.notebook)
+        return (f"this kernel does not say which notebook it runs (no JPY_SESSION_NAME: jupyter_client, papermill "
+                f"or nbconvert), so this notebook's snapshots go to {self.default_dir}, named after the loops of "
+                f"its training cell. To choose the folder: set NBGUARD_DIR, or run %nbguard config dir=PATH "
+                f"before the training cell (or give it --dir PATH); a {FOLDER} folder is shared by the notebooks "
+                "next to it")
 
     def place_sentence(self, location: str) -> str:
         """'/path/to/folder (in your Google Drive)': where, and whether that survives a disconnect."""
@@ -170,6 +190,11 @@ class Session:
 
     def banner(self) -> str:
         """The one line ``%load_ext nbguard`` prints."""
+        if self.name_pending:
+            folder = os.path.dirname(self.default_dir.rstrip(os.sep))
+            return (f"nbguard: snapshots of this notebook go to {folder}{os.sep}<name> ({self.place_text}); this kernel "
+                    "does not say which notebook it runs, so <name> comes from the training cell when it first runs "
+                    "(set NBGUARD_DIR to choose the folder)")
         text = f"nbguard: snapshots of this notebook go to {self.default_dir}"
         if self.place_text:
             text += f" ({self.place_text})"

@@ -272,3 +272,28 @@ def test_budget_stops_the_cell_cleanly_and_a_new_session_continues(tmp_path):
         assert _digest(kernel.run(DIGEST)[0]) == expected
     finally:
         kernel.shutdown()
+
+
+def test_plain_kernels_name_their_folder_after_the_training_cell(tmp_path, monkeypatch):
+    """Kernels started by jupyter_client/papermill/nbconvert do not say which notebook they run: two
+    notebooks in one folder must not silently share nbguard-snapshots/notebook."""
+    for name in ("NBGUARD_DIR", "JPY_SESSION_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    setup = SETUP.replace("WORKERS", "0")
+    folders = []
+    for form in ("nested-enumerate", "while-steps"):
+        kernel = Kernel(str(tmp_path))
+        try:
+            out, error = kernel.run("%load_ext nbguard")
+            assert error is None and "does not say which notebook it runs" in out, out
+            kernel.run(setup)
+            out, error = kernel.run("%%checkpointed --every 1h\n" + textwrap.dedent(LOOPS[form]))
+            assert error is None and "named after the loops of its training cell" in out and "NBGUARD_DIR" in out, out
+            folders.append(re.search(r"snapshots go to (\S+), named", out).group(1))
+        finally:
+            kernel.shutdown()
+    assert folders[0] != folders[1] and all(f.startswith(str(tmp_path / "nbguard-snapshots")) for f in folders)
+    assert not (tmp_path / "nbguard-snapshots" / "notebook").exists()
+    import nbguard
+
+    assert all(nbguard.Catalog(f).snapshots() for f in folders)
