@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import textwrap
 
 import pytest
@@ -348,3 +349,17 @@ def test_panel_header_and_list_use_the_same_plain_words(shell, tmp_path, monkeyp
     folder = os.path.join(str(tmp_path), "nbguard-snapshots")
     assert f"stored in</span> {folder}" in header and "in in" not in header and "(in the current folder)" in header
     assert "best" not in panel.table.value  # 'total' is an accumulator, and --best history is no number
+
+
+def test_load_ext_on_kaggle_shows_the_session_limit_and_cells_get_it(shell, monkeypatch, capsys):
+    shell.run_line_magic("unload_ext", "nbguard")
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    shell.run_line_magic("load_ext", "nbguard")
+    out = capsys.readouterr().out
+    assert "Kaggle ends a session after 12 h" in out and "--budget" in out, out
+    import nbguard.session as sessions
+
+    session = sessions.current()
+    assert session.budget_for(session.defaults).seconds == 11.5 * 3600
+    assert session.budget_for(replace(session.defaults, budget=60.0)).why == "--budget"
+    assert session.budget_for(replace(session.defaults, budget=0.0)) is None  # --budget off
