@@ -15,12 +15,12 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from . import session as sessions
+from .budget import default_budget, describe_default, parse_budget
 from .cell import CheckpointedCell, StopAfterSave
 from .errors import NbguardError, UsageError
 from .humanize import ago, clock
 from .humanize import size as human_size
 from .manifest import check_run_name, slug
-from .budget import default_budget, describe_default, parse_budget
 from .place import default_location, detect_platform, judge_location, notebook_identity
 from .retention import Policy
 from .session import CellOptions, Session, parse_duration
@@ -86,11 +86,11 @@ class NbguardMagics(Magics):
             if options.dir is None and (named := self.session.name_notebook_from_cell(cell)):
                 print(f"nbguard: {named}", flush=True)
             run = options.name or self._run_name(cell)
-            if args.dir is not None:
-                self._announce_dir(options.dir)
             source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
             guarded = CheckpointedCell(source, self.shell.user_ns, options, self.session, run=run,
                                        filename=self._filename())
+            if args.dir is not None:  # once the place is known to work
+                self._announce_dir(options.dir)
         except NbguardError as exc:
             raise IPythonUsageError(f"nbguard: {exc}") from None
         except SyntaxError as exc:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
