@@ -334,6 +334,12 @@ class CheckpointedCell:
         except KeyboardInterrupt:
             self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
             raise
+        except RestoreError as exc:
+            if "--fresh" in str(exc):
+                raise
+            # The loops did not reach the snapshot's position: say both ways on, never retrain silently.
+            raise RestoreError(f"{exc}. To continue from another snapshot: %%checkpointed --resume-from ID ; to "
+                               "start over: --fresh") from None
         except Exception:
             if not isinstance(sys.exc_info()[1], NbguardError):
                 self._said(f"the cell stopped with an error; the last snapshot is kept{self._last_text()}. "

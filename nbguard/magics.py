@@ -18,7 +18,7 @@ from . import session as sessions
 from .budget import default_budget, describe_default, parse_budget
 from .cell import CheckpointedCell, StopAfterSave
 from .errors import NbguardError, UsageError
-from .humanize import ago, clock
+from .humanize import ago, clock, duration
 from .humanize import size as human_size
 from .manifest import check_run_name, slug
 from .place import default_location, detect_platform, judge_location, notebook_identity
@@ -220,7 +220,9 @@ class NbguardMagics(Magics):
         print(f"nbguard: defaults for later cells: every {options.every:.0f} s, keep {options.keep}"
               + (f", best {options.best[0]} ({options.best[1]})" if options.best else "")
               + (f", every {options.every_iter} iterations" if options.every_iter else "")
-              + (f", folder {options.dir}" if options.dir else ""))
+              + (f", time budget {duration(options.budget)}" if options.budget else "")
+              + (", no time budget" if options.budget == 0 else "")
+              + (f", folder {self.session.place_sentence(options.dir)}" if options.dir else ""))
 
     def _cmd_panel(self, rest: list[str]) -> Any:
         from .ui import open_panel

@@ -20,6 +20,7 @@ from .catalog import Catalog
 from .errors import UsageError
 from .guard import Guard, Reporter
 from .humanize import ago
+from .humanize import duration as human_duration
 from .humanize import size as human_size
 from .manifest import SnapshotInfo
 from .retention import Policy
@@ -236,6 +237,9 @@ class Session:
                 lines.append(f"last save: {last.id}, {ago(last.created)}" + (f", {last.label}" if last.label else ""))
             if self.running_cell is not None:
                 lines.append(f"next save: within {cell.options.every:.0f} s of the last one, at the end of a loop iteration")
+                if cell.budget is not None:
+                    lines.append(f"time budget: {cell.budget.text()}; the cell saves and stops cleanly within "
+                                 f"{human_duration(max(0.0, cell.budget.left()))}")
             lines.append("writer: " + ("writing a snapshot" if guard.busy else "idle")
                          + (f"; last error: {guard.last_error}" if guard.last_error else ""))
         return "\n".join(f"nbguard: {line}" for line in lines)

@@ -363,3 +363,14 @@ def test_load_ext_on_kaggle_shows_the_session_limit_and_cells_get_it(shell, monk
     assert session.budget_for(session.defaults).seconds == 11.5 * 3600
     assert session.budget_for(replace(session.defaults, budget=60.0)).why == "--budget"
     assert session.budget_for(replace(session.defaults, budget=0.0)) is None  # --budget off
+
+
+def test_an_edit_that_ends_before_the_snapshot_stops_with_both_ways_on(shell):
+    run(shell, SETUP)
+    shell.user_ns["crash_at"] = (3, 1)
+    run(shell, "%%checkpointed --name r --every-iter 1\n" + TRAIN)
+    shell.user_ns.clear()
+    run(shell, SETUP)
+    shorter = TRAIN.replace("range(5)", "range(2)")
+    refused(run(shell, "%%checkpointed --name r --every-iter 1\n" + shorter), "--resume-from", "--fresh")
+    assert shell.user_ns["history"] == []
