@@ -122,7 +122,7 @@ class CheckpointedCell:
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, positions: list[LoopPosition] | None, *, completed: bool = False, tags: tuple[str, ...] = (),
-             note: str | None = None, wait: bool = False):
+             note: str | None = None, wait: bool = False, unless_same: bool = False):
         state = self.state()
         if not self._said_captured and self.discovery is not None:
             self._said_captured = True
@@ -140,7 +140,7 @@ class CheckpointedCell:
                  "completed": completed, "origin": self.origin}
         at_epoch_end = positions is None or len(positions) <= 1
         handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
-                                 tags=tags, extra=extra, wait=wait)
+                                 tags=tags, extra=extra, wait=wait, unless_same=unless_same)
         self.saves += 1
         return handle
 
@@ -191,8 +191,9 @@ class CheckpointedCell:
             return False
         if not self.guard.changed_since_last(state):
             return False
-        self.save(None, completed=self.finished, tags=(reason,), wait=True)
-        return True
+        before = self.guard.last_saved
+        self.save(None, completed=self.finished, tags=(reason,), wait=True, unless_same=True)
+        return self.guard.last_saved is not before
 
     def _generators(self) -> dict[str, torch.Generator]:
         # Looked up once per cell run, when the first loop starts (loaders exist by then).

@@ -104,6 +104,7 @@ class Guard:
         self.last_error: BaseException | None = None
         self._streaming_said = False
         self._last_value_trees: dict[str, Any] = {}
+        self._last_manifest: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Guard(store={self.store.url!r}, run={self.run!r}, keep={self.policy.keep})"
@@ -124,11 +125,14 @@ class Guard:
         tags: Iterable[str] = (),
         extra: Any = None,
         wait: bool = False,
+        unless_same: bool = False,
     ) -> SaveHandle[SnapshotInfo]:
         """Snapshot ``state`` (name → object or value) plus every RNG.
 
         Returns once the state is staged in memory; the handle's ``wait()``/``result()`` tell when
-        it is durable. Values that cannot be stored are skipped with a one-line warning.
+        it is durable. Values that cannot be stored are skipped with a one-line warning. With
+        ``unless_same``, a state identical to the last snapshot's (same bytes, values, position and
+        extra) is not committed again: the handle gives the last snapshot (one snapshot per state).
         """
         started = time.perf_counter()
         metrics = _check_metrics(metrics)
@@ -154,7 +158,7 @@ class Guard:
             stall = time.perf_counter() - started
             stats = SaveStats(stall, staged.staged_bytes, staged.reused_bytes, streaming=staged.streaming)
             handle: SaveHandle[SnapshotInfo] = SaveHandle(snapshot_id)
-            job = lambda: self._write(manifest, staged, stats, started)  # noqa: E731
+            job = lambda: self._write(manifest, staged, stats, started, unless_same)  # noqa: E731
             if staged.streaming:
                 if not self._streaming_said:
                     self._streaming_said = True
@@ -167,7 +171,8 @@ class Guard:
             self._writer.flush()  # durable, and old snapshots cleaned up
         return handle
 
-    def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float) -> SnapshotInfo:
+    def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float,
+               unless_same: bool = False) -> SnapshotInfo:
         try:
             entries, written = self._write_blob(staged)
             manifest["storages"] = {
@@ -177,6 +182,11 @@ class Guard:
             }
             manifest["size"] = sum(e.nbytes for e in entries.values())
             manifest["written"] = written
+            if unless_same and self.last_saved is not None and _same_state(manifest, self._last_manifest):
+                # Nothing is committed: entries that only a skipped manifest would reference must not be
+                # reused by a later save (the blob they sit in may be collected as unused).
+                self._staging.forget(staged.groups)
+                return self.last_saved
             path = manifest_path(self.run, manifest["id"])
             self.store.write(path, [encode_manifest(manifest)])
         except BaseException as exc:
@@ -191,6 +201,7 @@ class Guard:
             self._reported = {key for key in self._reported if not key.startswith("store:")}
             self._report("saving works again")
         self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
+        self._last_manifest = manifest
         info = info_from(manifest, state=self.catalog._state(path))
         self.last_error = None
         self.last_saved = info
@@ -291,6 +302,16 @@ class Guard:
         report = snapshot.restore(state, namespace=namespace, rng=rng)
         report.notes.extend(skipped)
         return report
+
+
+def _same_state(manifest: Mapping[str, Any], last: Mapping[str, Any]) -> bool:
+    """Whether two manifests describe the same state (they may differ in id, time, tags and note)."""
+    keys = ("run", "position", "metrics", "objects", "rng", "tensors", "extra")
+
+    def contents(m: Mapping[str, Any]) -> dict[str, Any]:  # by content: the same bytes may sit in another blob
+        return {key: (entry["hash"], entry["nbytes"]) for key, entry in m.get("storages", {}).items()}
+
+    return bool(last) and all(manifest.get(k) == last.get(k) for k in keys) and contents(manifest) == contents(last)
 
 
 def _damage_key(text: str) -> str:

@@ -374,3 +374,19 @@ def test_an_edit_that_ends_before_the_snapshot_stops_with_both_ways_on(shell):
     shorter = TRAIN.replace("range(5)", "range(2)")
     refused(run(shell, "%%checkpointed --name r --every-iter 1\n" + shorter), "--resume-from", "--fresh")
     assert shell.user_ns["history"] == []
+
+
+def test_shutdown_after_only_reading_the_weights_adds_no_second_snapshot(shell):
+    """Reading weights through NumPy (an evaluation, a digest) may have changed them as far as torch
+    can tell; the shutdown snapshot compares bytes and does not repeat an identical state."""
+    run(shell, SETUP)
+    assert run(shell, "%%checkpointed --name r\n" + TRAIN).success
+    run(shell, "digest = sum(float(v.numpy().sum()) for v in model.state_dict().values())")
+    import nbguard.session as sessions
+
+    sessions.current().at_exit()
+    snaps = nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")
+    assert [s.tags for s in snaps] == [("final",)]
+    run(shell, "with torch.no_grad():\n    model[0].weight.numpy()[0, 0] += 1.0")  # a real change, through NumPy
+    sessions.current().at_exit()
+    assert [s.tags for s in nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")] == [("shutdown",), ("final",)]
