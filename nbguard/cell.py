@@ -34,6 +34,7 @@ from .snapshot import Snapshot
 
 STEP_NAMES = {"step", "steps", "global_step", "iteration", "it", "itr", "iter_num"}
 DOUBLE_INTERRUPT_SECONDS = 3.0
+DURABLE_WAIT = 60.0  # at most this long for the budget's last snapshot to reach Drive (or the mount)
 
 
 class StopAfterSave(KeyboardInterrupt):
@@ -169,11 +170,14 @@ class CheckpointedCell:
             raise StopAfterSave(f"interrupted — saved snapshot {self._last_text(brief=True)}. Run the cell again to "
                                 "continue from there")
         if "budget" in reasons:
-            durable = self.session.make_durable(self.guard, max(1.0, self.budget.left()) if self.budget else 60.0)
+            # Waiting a little past the budget is better than a session ending on a snapshot not yet in
+            # Drive: a platform's own limit is further away (SAFETY), and a user's budget leaves room.
+            durable = self.session.make_durable(self.guard, max(DURABLE_WAIT, self.budget.left() if self.budget else 0))
             raise TimeBudgetReached(
                 f"the time budget of {self.budget.text() if self.budget else '?'} is nearly used up: saved snapshot "
                 f"{self._last_text(brief=True)}{'' if durable else ' (not confirmed durable yet)'} and stopped. In a "
-                "new session run the notebook again (Run all): this cell continues from there")
+                "new session run the notebook again (Run all): this cell continues from there (to go on in this "
+                "session anyway: --budget off)")
 
     def _shutdown_after_save(self, handle) -> None:
         self.guard.flush(30)

@@ -390,3 +390,32 @@ def test_shutdown_after_only_reading_the_weights_adds_no_second_snapshot(shell):
     run(shell, "with torch.no_grad():\n    model[0].weight.numpy()[0, 0] += 1.0")  # a real change, through NumPy
     sessions.current().at_exit()
     assert [s.tags for s in nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")] == [("shutdown",), ("final",)]
+
+
+def test_budget_waits_until_the_last_snapshot_is_verified_in_drive(shell, tmp_path, monkeypatch):
+    import json
+
+    from tests.drive_emulator import DriveEmulator
+
+    emulator = DriveEmulator().start()
+    try:
+        monkeypatch.setenv("NBGUARD_DRIVE_CREDENTIALS", json.dumps(emulator.authorized_user_info()))
+        monkeypatch.setenv("NBGUARD_DRIVE_API_ROOT", emulator.url)
+        monkeypatch.setenv("NBGUARD_STAGING", str(tmp_path / "staging"))
+        emulator.inject("slow", times=10**6, delay=0.05)  # Drive lags behind the saves
+        url = "gdrive://nbguard/budget"
+        run(shell, SETUP + "import time\n")
+        slow = TRAIN.replace("total += 1", "total += 1; time.sleep(0.05)")
+        refused(run(shell, f"%%checkpointed --dir {url} --name r --every 1h --every-iter 1 --budget 1.5s\n" + slow),
+                "time budget")
+        import nbguard.session as sessions
+
+        newest = sessions.current().guards[(url, "r")].catalog.snapshots("r")[0]
+        assert "budget" in newest.tags and newest.state == "verified", (newest.tags, newest.state)
+    finally:
+        from nbguard import store as store_module
+
+        for store in store_module._staged_stores.values():
+            store.close(5)
+        store_module._staged_stores.clear()
+        emulator.stop()
