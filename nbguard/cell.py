@@ -58,6 +58,8 @@ class CheckpointedCell:
         self.cell_changed = False
         self.budget: Budget | None = session.budget_for(options)
         self._final_progress: list[tuple[str, int, int | None]] = []
+        self._final_loops: list[list[Any]] | None = None  # where an edited cell with more iterations continues
+        self.continues_finished = False
         self._restored_mark: Any = None  # the state as restored from a finished run's snapshot
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
@@ -139,6 +141,8 @@ class CheckpointedCell:
             position["label"] = text
         extra = {"fingerprint": self.cell.fingerprint, "structure": self.structure, "loops": loops,
                  "completed": completed, "origin": self.origin}
+        if completed and self._final_loops:
+            extra["final_loops"] = self._final_loops
         at_epoch_end = positions is None or len(positions) <= 1
         handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
                                  tags=tags, extra=extra, wait=wait, unless_same=unless_same)
@@ -227,10 +231,15 @@ class CheckpointedCell:
                         start_point=start_point)
         self.origin = choice.origin
         self.cell_changed = choice.changed
+        self.continues_finished = choice.continues_finished
         return choice.snapshot, choice.notes
 
     def _plan(self, snapshot: Snapshot) -> ResumePlan:
         extra = _extra(snapshot)
+        if extra.get("completed") and self.continues_finished:
+            # An edited cell continues a finished run: after the iterations its last loop had done.
+            return ResumePlan(positions=[LoopPosition(int(loop[0]), int(loop[1]), loop[2], None)
+                                         for loop in extra["final_loops"]])
         if extra.get("completed"):
             return ResumePlan(completed=True)
         positions = [LoopPosition(int(loop[0]), int(loop[1]), loop[2], tuple(loop[3]) if loop[3] is not None else None)
@@ -250,7 +259,7 @@ class CheckpointedCell:
         when = f"saved {ago(info.created)} at {clock(info.created)}"
         where = f", {info.label}" if info.label else ""
         what = ", ".join(name for name, _ in report.restored)
-        finished = _extra(snapshot).get("completed")
+        finished = _extra(snapshot).get("completed") and not self.continues_finished
         if finished:
             print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
                   f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
@@ -329,6 +338,7 @@ class CheckpointedCell:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
                 self._final_progress = _top_progress(self.runtime, self.labels)
+                self._final_loops = _exhausted_top_loop(self.runtime)
             if plan is None or not plan.completed:
                 self.save(None, completed=True, tags=("final",), wait=True)
             elif self.runtime.resumed:  # a finished run restored as it was: its final snapshot stands
@@ -391,6 +401,20 @@ def _loop_total(runtime: LoopRuntime | None, depth: int, loop_id: int) -> int | 
         if activation.info.id != loop_id or activation.info.kind != "for":
             return None
         return position_text.total_of(activation.src, activation.consumed())
+    except Exception:
+        return None
+
+
+def _exhausted_top_loop(runtime: LoopRuntime) -> list[list[Any]] | None:
+    """The last top-level for loop as a resume position ([[id, iterations, birth]]) when it ran to
+    the end of its iterable (not left by a break): an edited cell with a larger bound continues
+    there. None when that cannot be known."""
+    try:
+        activation = runtime._stack[0]
+        done = activation.consumed()
+        if activation.info.kind != "for" or position_text.total_of(activation.src, done) != done:
+            return None
+        return [[activation.info.id, done, activation.birth]]
     except Exception:
         return None
 

@@ -37,6 +37,7 @@ class ResumeChoice:
     notes: list[str] = field(default_factory=list)
     changed: bool = False  # the cell's code differs from the one that took the snapshot
     origin: str | None = None
+    continues_finished: bool = False  # an edited cell goes on from a finished run's last loop
 
 
 def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fresh: bool = False,
@@ -62,11 +63,12 @@ def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fres
         raise UsageError(f"snapshot {describe(snapshot)} was taken by an earlier version of this cell whose loops "
                          "nest differently, so its position cannot be mapped onto this cell. To continue from it "
                          f"anyway: %%checkpointed --resume-from {snapshot.id} ; to start over: --fresh")
-    if extra.get("completed"):
-        raise UsageError(f"this run finished (snapshot {describe(snapshot)}) with an earlier version of this cell. "
-                         "To train the edited cell from the start: %%checkpointed --fresh ; to take that final "
-                         f"state as it is: --resume-from {snapshot.id}")
+    if extra.get("completed") and not extra.get("final_loops"):
+        raise UsageError(f"this run finished (snapshot {describe(snapshot)}) with an earlier version of this cell, "
+                         "and where its loops ended is not known. To train the edited cell from the start: "
+                         f"%%checkpointed --fresh ; to take that final state as it is: --resume-from {snapshot.id}")
     choice.changed = True
+    choice.continues_finished = bool(extra.get("completed"))
     return choice
 
 

@@ -419,3 +419,18 @@ def test_budget_waits_until_the_last_snapshot_is_verified_in_drive(shell, tmp_pa
             store.close(5)
         store_module._staged_stores.clear()
         emulator.stop()
+
+
+def test_a_finished_run_trains_on_when_the_cell_asks_for_more_epochs(shell, capsys):
+    longer = TRAIN.replace("range(5)", "range(8)")
+    expected = plain_result_of(longer)
+    run(shell, SETUP)
+    assert run(shell, "%%checkpointed --name r\n" + TRAIN).success
+    shell.user_ns.clear()
+    run(shell, SETUP)
+    capsys.readouterr()
+    assert run(shell, "%%checkpointed --name r\n" + longer).success
+    out = capsys.readouterr().out
+    assert "finished 5 of 5 epochs" in out and "the cell changed since this snapshot" in out, out
+    same(shell, expected)
+    assert nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")[0].label == "finished 8 of 8 epochs"
