@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import escapes, position_text, rng
+from . import position_text, rng
 from .budget import Budget, TimeBudgetReached
-from .capture import capture
 from .discover import Discovery, discover
 from .errors import NbguardError, RestoreError
 from .humanize import ago, clock
+from .loop_progress import exhausted_top_loop, loop_total, state_mark, top_progress
 from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
 from .manifest import SnapshotInfo
 from .resume_choice import choose, extra_of, loop_structure
@@ -155,7 +155,7 @@ class CheckpointedCell:
             return position_text.describe(self._final_progress, finished=True)
         done = []
         for depth, p in enumerate(positions or []):
-            total = _loop_total(self.runtime, depth, p.loop_id)
+            total = loop_total(self.runtime, depth, p.loop_id)
             done.append((self.labels.get(p.loop_id, f"loop{p.loop_id}"), p.completed, total))
         return position_text.describe(done)
 
@@ -195,7 +195,7 @@ class CheckpointedCell:
         if self.guard.last_saved is None:
             return False
         state = self.state()
-        if self._restored_mark is not None and _state_mark(state) == self._restored_mark:
+        if self._restored_mark is not None and state_mark(state) == self._restored_mark:
             return False
         if not self.guard.changed_since_last(state):
             return False
@@ -337,12 +337,12 @@ class CheckpointedCell:
         try:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
-                self._final_progress = _top_progress(self.runtime, self.labels)
-                self._final_loops = _exhausted_top_loop(self.runtime)
+                self._final_progress = top_progress(self.runtime, self.labels)
+                self._final_loops = exhausted_top_loop(self.runtime)
             if plan is None or not plan.completed:
                 self.save(None, completed=True, tags=("final",), wait=True)
             elif self.runtime.resumed:  # a finished run restored as it was: its final snapshot stands
-                self._restored_mark = _state_mark(self.state())
+                self._restored_mark = state_mark(self.state())
             self.finished = True
         except StopAfterSave:
             raise
@@ -380,57 +380,6 @@ class CheckpointedCell:
 
 def _extra(snapshot: Snapshot) -> dict[str, Any]:
     return extra_of(snapshot)
-
-
-def _state_mark(state: dict[str, Any]) -> Any:
-    """What identifies a state without copying it: each tensor's storage, version and layout, and
-    the plain values as they would be stored."""
-    captured = capture(state, with_rng=False)
-    tensors = {key: (t.data_ptr(), t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-               for key, t in captured.tensors.items()}
-    values = {name: obj["tree"] for name, obj in captured.objects.items() if obj["kind"] == "value"}
-    return tensors, values, escapes.LOG.now()  # any side-door exposure since counts as a change
-
-
-def _loop_total(runtime: LoopRuntime | None, depth: int, loop_id: int) -> int | None:
-    """How many iterations the active loop at ``depth`` has in all, when its iterator can tell
-    (a DataLoader, a range, a list, enumerate over one of those); None otherwise. Best effort: it
-    reads the runtime's activation stack and never fails."""
-    try:
-        activation = runtime._stack[depth]  # type: ignore[union-attr]
-        if activation.info.id != loop_id or activation.info.kind != "for":
-            return None
-        return position_text.total_of(activation.src, activation.consumed())
-    except Exception:
-        return None
-
-
-def _exhausted_top_loop(runtime: LoopRuntime) -> list[list[Any]] | None:
-    """The last top-level for loop as a resume position ([[id, iterations, birth]]) when it ran to
-    the end of its iterable (not left by a break): an edited cell with a larger bound continues
-    there. None when that cannot be known."""
-    try:
-        activation = runtime._stack[0]
-        done = activation.consumed()
-        if activation.info.kind != "for" or position_text.total_of(activation.src, done) != done:
-            return None
-        return [[activation.info.id, done, activation.birth]]
-    except Exception:
-        return None
-
-
-def _top_progress(runtime: LoopRuntime, labels: dict[int, str]) -> list[tuple[str, int, int | None]]:
-    """(label, iterations done, total) of the last top-level loop that ran, for 'finished 5 of 5 epochs'."""
-    try:
-        activation = runtime._stack[0]
-        done = activation.consumed()
-        if activation.info.kind == "for":
-            total = position_text.total_of(activation.src, done)
-        else:
-            done, total = done - 1, None  # a while loop counts the test that ended it
-        return [(labels.get(activation.info.id, "loop"), done, total)] if done >= 0 else []
-    except Exception:
-        return []
 
 
 def _install(signum: int, handler: Callable) -> Any:
