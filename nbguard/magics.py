@@ -71,7 +71,11 @@ class NbguardMagics(Magics):
         The models, optimizers, schedulers, scalers and generators the cell uses (also through
         functions it calls) and the variables it changes are saved with every random number
         generator at the end of a loop iteration: on the timer, every N iterations, on interrupt
-        and at shutdown. Run the cell again after a disconnect and it continues where it stopped.
+        and at shutdown. Run the cell again after a disconnect and it continues where it stopped,
+        also after an edit that keeps its loops (more epochs, another learning rate). When it cannot
+        (a wrong option, a model of other shapes, loops that changed), the cell stops with a one-line
+        error saying what to do, so "Run all" stops there. --budget 11h30m saves, makes that snapshot
+        durable and stops the cell before a session's time runs out.
         """
         __tracebackhide__ = True  # IPython leaves nbguard's frames out of the user's traceback
         # Every refusal raises, as a one-line UsageError: "Run all" must stop here, not go on to
