@@ -237,7 +237,7 @@ def test_03_google_drive_through_the_api_emulator(tmp_path):
     final_list = text_of(nb.cells[[i for i, c in enumerate(nb.cells) if "store.flush(" in c.source][0]])
     rows = [line for line in final_list.splitlines() if re.match(r"\d{8}T\d{6}-", line)]
     assert rows, final_list
-    assert all(re.search(r"\sverified(\s+\[final\])?$", line.rstrip()) for line in rows), final_list
+    assert all(re.search(r"\ssafe in Drive(\s+\[final\])?$", line.rstrip()) for line in rows), final_list
     assert "03_google_drive" in titles and sum(t.endswith(".json") for t in titles) == len(rows)
     assert "nbguard: removed 0 unused blob(s)" in out
     assert not snapshots_in(tmp_path / "work"), "with the Drive API connected, nothing goes to NBGUARD_DIR"
