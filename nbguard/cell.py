@@ -9,6 +9,7 @@ happens at the end of the current iteration.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import signal
 import sys
@@ -308,6 +309,27 @@ class CheckpointedCell:
                 budget_asked = True
                 self.runtime.request_safe_point("budget")
 
+    def _save_final(self) -> None:
+        """The snapshot that marks the run finished. One snapshot per state: when nothing changed since
+        this run's last snapshot (taken at the end of the last iteration), that one is superseded by the
+        final one and removed, instead of both using up keep slots."""
+        self.guard.flush()
+        previous = self.guard.last_saved if self.saves else None
+        same = previous is not None and not previous.tags and not previous.pinned \
+            and not self.guard.changed_since_last(self.state())
+        policy = self.guard.policy
+        if same:  # retention must not drop an older snapshot for the one about to be removed
+            self.guard.policy = dataclasses.replace(policy, keep=policy.keep + 1)
+        try:
+            self.save(None, completed=True, tags=("final",), wait=True)
+        finally:
+            self.guard.policy = policy
+        if same and self.guard.last_saved is not None and self.guard.last_saved.id != previous.id:
+            try:
+                self.guard.catalog.delete(previous.id, previous.run)
+            except NbguardError:
+                pass  # already gone (retention): nothing to supersede
+
     def _save_cost(self) -> float:
         stats = self.guard.last_stats
         return stats.durable_after if stats is not None else 1.0
@@ -340,7 +362,7 @@ class CheckpointedCell:
                 self._final_progress = top_progress(self.runtime, self.labels)
                 self._final_loops = exhausted_top_loop(self.runtime)
             if plan is None or not plan.completed:
-                self.save(None, completed=True, tags=("final",), wait=True)
+                self._save_final()
             elif self.runtime.resumed:  # a finished run restored as it was: its final snapshot stands
                 self._restored_mark = state_mark(self.state())
             self.finished = True

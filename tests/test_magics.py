@@ -434,3 +434,10 @@ def test_a_finished_run_trains_on_when_the_cell_asks_for_more_epochs(shell, caps
     assert "finished 5 of 5 epochs" in out and "the cell changed since this snapshot" in out, out
     same(shell, expected)
     assert nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")[0].label == "finished 8 of 8 epochs"
+
+
+def test_the_final_snapshot_supersedes_an_identical_last_iteration_snapshot(shell):
+    run(shell, SETUP)
+    assert run(shell, "%%checkpointed --name r --every-iter 1 --keep 3\n" + TRAIN).success
+    labels = [s.label for s in nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")]
+    assert labels == ["finished 5 of 5 epochs", "after epoch 4 of 5", "after epoch 3 of 5"], labels

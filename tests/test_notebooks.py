@@ -246,7 +246,7 @@ def test_03_google_drive_through_the_api_emulator(tmp_path):
 def test_04_best_and_compare(plain_runs):
     nb = plain_runs("04_best_and_compare").nb
     out = outputs(nb)
-    best_line = re.search(r"the best snapshot: (\S+) \((epoch \d+)\), validation loss ([\d.]+)", out)
+    best_line = re.search(r"the best snapshot: (\S+) \((after epoch \d+ of 20)\), validation loss ([\d.]+)", out)
     assert best_line, out
     assert re.search(rf"{best_line[1]}\s+{best_line[2]}\s+val_loss {best_line[3]}\s+best pinned", out), out
     assert "tensors changed:" in out and "model/0.weight   moved by" in out
