@@ -87,10 +87,10 @@ class NbguardMagics(Magics):
                                     "(e.g. --every 10m --keep 3)") from None
         try:
             options = self._options(args)
-            if options.dir is None and (named := self.session.name_notebook_from_cell(cell)):
+            source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
+            if options.dir is None and (named := self.session.name_notebook_from_cell(source)):
                 print(f"nbguard: {named}", flush=True)
             run = options.name or self._run_name(cell)
-            source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
             guarded = CheckpointedCell(source, self.shell.user_ns, options, self.session, run=run,
                                        filename=self._filename())
             if args.dir is not None:  # once the place is known to work
