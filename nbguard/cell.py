@@ -9,6 +9,7 @@ happens at the end of the current iteration.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import signal
 import sys
@@ -20,14 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import rng
+from . import position_text, rng
+from .budget import Budget, TimeBudgetReached
 from .discover import Discovery, discover, why_not_plain
-from .errors import NbguardError, SnapshotError
+from .errors import NbguardError, RestoreError
 from .frame_state import FrameNamespace, capture_locals
 from .humanize import ago, clock
+from .loop_progress import exhausted_top_loop, loop_total, state_mark, top_progress
 from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
 from .loops.reach import reach
 from .manifest import SnapshotInfo
+from .resume_choice import choose, extra_of, loop_structure
 from .session import CellOptions, Session
 from .snapshot import Snapshot
 
@@ -35,10 +39,11 @@ RESULT_NAME = "__nbguard_result__"  # where a guarded function call (nbguard.che
 RESULT_KEY = "nbguard.result"  # ... and the name a plain result is saved under (never a notebook variable)
 STEP_NAMES = {"step", "steps", "global_step", "iteration", "it", "itr", "iter_num"}
 DOUBLE_INTERRUPT_SECONDS = 3.0
+DURABLE_WAIT = 60.0  # at most this long for the budget's last snapshot to reach Drive (or the mount)
 
 
 class StopAfterSave(KeyboardInterrupt):
-    """Raised at the safe point after an interrupt's snapshot was taken."""
+    """Raised at the safe point after an interrupt's snapshot was taken; its text says so."""
 
 
 class CheckpointedCell:
@@ -57,6 +62,14 @@ class CheckpointedCell:
         self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops),
                            entries=[entry] if entry is not None else [])
         self.local_skip = frozenset().union(*(f.targets for f in self.reach.functions))
+        self.structure = loop_structure(self.cell.loops)
+        self.origin: str | None = None  # the snapshot a --resume-from started this lineage at
+        self.cell_changed = False
+        self.budget: Budget | None = session.budget_for(options)
+        self._final_progress: list[tuple[str, int, int | None]] = []
+        self._final_loops: list[list[Any]] | None = None  # where an edited cell with more iterations continues
+        self.continues_finished = False
+        self._restored_mark: Any = None  # the state as restored from a finished run's snapshot
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
         self.labels = _loop_labels(source, self.cell.loops)
@@ -122,7 +135,7 @@ class CheckpointedCell:
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, positions: list[LoopPosition] | None, *, completed: bool = False, tags: tuple[str, ...] = (),
-             note: str | None = None, wait: bool = False, frames: list | None = None):
+             note: str | None = None, wait: bool = False, frames: list | None = None, unless_same: bool = False):
         state = self.state()
         if frames:
             state.update(capture_locals(frames, state, self.local_skip))
@@ -133,22 +146,33 @@ class CheckpointedCell:
                  for p in positions or []]
         position: dict[str, Any] = {}
         for index, p in enumerate(positions or []):
-            label = self.labels.get(p.loop_id) or {0: "epoch", 1: "batch"}.get(index, f"loop{index + 1}")
+            label = self._label(index, p.loop_id)
             position[label if label not in position else f"{label}{index + 1}"] = p.completed
         if completed:
             position["completed"] = True
+        text = self._position_text(positions, completed)
+        if text:
+            position["label"] = text
         if completed and RESULT_NAME in self.namespace:
             state, result = self._with_result(state)
         else:
             result = None
-        extra = {"fingerprint": self.cell.fingerprint, "loops": loops, "completed": completed, "result": result,
+        extra = {"fingerprint": self.cell.fingerprint, "structure": self.structure, "loops": loops,
+                 "completed": completed, "origin": self.origin, "result": result,
                  # other names of saved objects ('model' for 'model_ft'): a re-run may know only those yet
                  "aliases": dict(self.discovery.aliases) if self.discovery is not None else {}}
+        if completed and self._final_loops:
+            extra["final_loops"] = self._final_loops
         at_epoch_end = positions is None or len(positions) <= 1
         handle = self.guard.save(state, metrics=self.metrics(state, with_best=at_epoch_end), position=position, note=note,
-                                 tags=tags, extra=extra, wait=wait)
+                                 tags=tags, extra=extra, wait=wait, unless_same=unless_same)
         self.saves += 1
         return handle
+
+    def _label(self, depth: int, loop_id: int) -> str:
+        """A loop's name in positions: the cell's loops by their variables ('epoch', 'batch', 'step'),
+        a function's loops by where they sit in the call chain."""
+        return self.labels.get(loop_id) or {0: "epoch", 1: "batch"}.get(depth, f"loop{depth + 1}")
 
     def _with_result(self, state: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """A guarded function's result, for a re-run of a finished run: the name of the saved object
@@ -161,21 +185,39 @@ class CheckpointedCell:
             return {**state, RESULT_KEY: value}, RESULT_KEY
         return state, None
 
+    def _position_text(self, positions: list[LoopPosition] | None, completed: bool) -> str:
+        """'in epoch 3, after batch 27 of 48'; 'finished 5 of 5 epochs' for the final snapshot."""
+        if completed:
+            return position_text.describe(self._final_progress, finished=True)
+        done = []
+        for depth, p in enumerate(positions or []):
+            total = loop_total(self.runtime, depth, p.loop_id)
+            done.append((self._label(depth, p.loop_id), p.completed, total))
+        return position_text.describe(done)
+
     def _on_safe_point(self, point) -> None:
         reasons = set(point.reasons)
         interrupted = "interrupt" in reasons or "shutdown" in reasons
+        stopping = interrupted or "budget" in reasons
         if reasons <= {"timer", "retake"} and self.guard.busy:
             self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
             return
-        tags = ("interrupted",) if interrupted else ()
-        handle = self.save(point.positions, tags=tags, wait=interrupted, frames=point.frames)
+        tags = ("interrupted",) if interrupted else ("budget",) if "budget" in reasons else ()
+        handle = self.save(point.positions, tags=tags, wait=stopping, frames=point.frames)
         if "shutdown" in reasons:
             self._shutdown_after_save(handle)
         if "interrupt" in reasons:
-            label = self.guard.last_saved.label if self.guard.last_saved else ""
-            print(f"nbguard: interrupted — saved a snapshot{f' at {label}' if label else ''}. "
-                  "Run the cell again to continue from there.", flush=True)
-            raise StopAfterSave()
+            raise StopAfterSave(f"interrupted — saved snapshot {self._last_text(brief=True)}. Run the cell again to "
+                                "continue from there")
+        if "budget" in reasons:
+            # Waiting a little past the budget is better than a session ending on a snapshot not yet in
+            # Drive: a platform's own limit is further away (SAFETY), and a user's budget leaves room.
+            durable = self.session.make_durable(self.guard, max(DURABLE_WAIT, self.budget.left() if self.budget else 0))
+            raise TimeBudgetReached(
+                f"the time budget of {self.budget.text() if self.budget else '?'} is nearly used up: saved snapshot "
+                f"{self._last_text(brief=True)}{'' if durable else ' (not confirmed durable yet)'} and stopped. In a "
+                "new session run the notebook again (Run all): this cell continues from there (to go on in this "
+                "session anyway: --budget off)")
 
     def _shutdown_after_save(self, handle) -> None:
         self.guard.flush(30)
@@ -184,11 +226,18 @@ class CheckpointedCell:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def save_if_changed(self, reason: str = "manual") -> bool:
-        """A final snapshot when the guarded objects changed since the last one (used at shutdown)."""
-        if self.guard.last_saved is None or not self.guard.changed_since_last(self.state()):
+        """A final snapshot when the guarded objects changed since the last one (used at shutdown).
+        One snapshot per state: a finished run restored as it was is not saved again."""
+        if self.guard.last_saved is None:
             return False
-        self.save(None, completed=self.finished, tags=(reason,), wait=True)
-        return True
+        state = self.state()
+        if self._restored_mark is not None and state_mark(state) == self._restored_mark:
+            return False
+        if not self.guard.changed_since_last(state):
+            return False
+        before = self.guard.last_saved
+        self.save(None, completed=self.finished, tags=(reason,), wait=True, unless_same=True)
+        return self.guard.last_saved is not before
 
     def _generators(self) -> dict[str, torch.Generator]:
         # Looked up once per cell run, when the first loop starts (loaders exist by then).
@@ -212,30 +261,21 @@ class CheckpointedCell:
 
     # -- resume --------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
-        catalog = self.guard.catalog
-        options = self.options
-        if options.fresh:
-            return None, []
         start_point = self.session.start_points.pop((self.location, self.run_name), None)
-        ref = options.resume_from or start_point
-        if ref:
-            return catalog.get(ref, None if options.resume_from else self.run_name), []
-        try:
-            snapshot, skipped = catalog.latest_good(self.run_name)
-        except SnapshotError:
-            return None, [f"{path}: {problem}" for path, problem in catalog.problems.items()]
-        extra = _extra(snapshot)
-        if extra.get("fingerprint") != self.cell.fingerprint:
-            when = f"{ago(snapshot.info.created)} ({clock(snapshot.info.created)})"
-            label = f", {snapshot.info.label}" if snapshot.info.label else ""
-            self.report(f"snapshot {snapshot.id} ({when}{label}) was taken by an earlier version of this cell, so it "
-                        f"is not applied. To continue from it anyway: %%checkpointed --resume-from {snapshot.id} ; "
-                        "to start over and stop seeing this: --fresh")
-            return None, skipped
-        return snapshot, skipped
+        choice = choose(self.guard.catalog, self.run_name, fingerprint=self.cell.fingerprint,
+                        structure=self.structure, fresh=self.options.fresh, resume_from=self.options.resume_from,
+                        start_point=start_point)
+        self.origin = choice.origin
+        self.cell_changed = choice.changed
+        self.continues_finished = choice.continues_finished
+        return choice.snapshot, choice.notes
 
     def _plan(self, snapshot: Snapshot) -> ResumePlan:
         extra = _extra(snapshot)
+        if extra.get("completed") and self.continues_finished:
+            # An edited cell continues a finished run: after the iterations its last loop had done.
+            return ResumePlan(positions=[LoopPosition(int(loop[0]), int(loop[1]), loop[2], None)
+                                         for loop in extra["final_loops"]])
         if extra.get("completed"):
             return ResumePlan(completed=True)
         positions = [LoopPosition(int(loop[0]), int(loop[1]), loop[2], tuple(loop[3]) if loop[3] is not None else None)
@@ -251,7 +291,12 @@ class CheckpointedCell:
                 objects[target] = objects[alias]
             elif target not in objects and alias in self.namespace:
                 objects[target] = self.namespace[alias]
-        report = snapshot.restore(objects, namespace=namespace)
+        try:
+            report = snapshot.restore(objects, namespace=namespace)
+        except RestoreError as exc:
+            raise RestoreError(f"{exc}. Snapshot {snapshot.id} does not fit the objects this notebook built: build "
+                               "the same model (and optimizer) as when it was taken, or start over with "
+                               "%%checkpointed --fresh") from None
         namespace.apply()
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
@@ -259,13 +304,14 @@ class CheckpointedCell:
         when = f"saved {ago(info.created)} at {clock(info.created)}"
         where = f", {info.label}" if info.label else ""
         what = ", ".join(name for name, _ in report.restored)
-        finished = _extra(snapshot).get("completed")
+        finished = _extra(snapshot).get("completed") and not self.continues_finished
         if finished:
             print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
                   f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
         else:
-            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}); restored {what} and the random "
-                  f"number generators ({', '.join(report.rng)})", flush=True)
+            changed = "; the cell changed since this snapshot (its loops are the same)" if self.cell_changed else ""
+            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}){changed}; restored {what} and the "
+                  f"random number generators ({', '.join(report.rng)})", flush=True)
         if report.missing:
             print(f"nbguard: not found in the notebook, so not restored: {', '.join(report.missing)} "
                   "(run the cell that creates them first)", flush=True)
@@ -295,6 +341,7 @@ class CheckpointedCell:
     def _timer(self) -> None:
         interval = self.options.every
         next_at = time.monotonic() + interval
+        budget_asked = False
         while not self._done.wait(min(0.5, max(0.0, next_at - time.monotonic()))):
             if self._timer_pending and not self.guard.busy:
                 self._timer_pending = False
@@ -302,6 +349,34 @@ class CheckpointedCell:
             if time.monotonic() >= next_at:
                 next_at = time.monotonic() + interval
                 self.runtime.request_safe_point("timer")
+            if self.budget is not None and not budget_asked and self.budget.due(self._save_cost()):
+                budget_asked = True
+                self.runtime.request_safe_point("budget")
+
+    def _save_final(self) -> None:
+        """The snapshot that marks the run finished. One snapshot per state: when nothing changed since
+        this run's last snapshot (taken at the end of the last iteration), that one is superseded by the
+        final one and removed, instead of both using up keep slots."""
+        self.guard.flush()
+        previous = self.guard.last_saved if self.saves else None
+        same = previous is not None and not previous.tags and not previous.pinned \
+            and not self.guard.changed_since_last(self.state())
+        policy = self.guard.policy
+        if same:  # retention must not drop an older snapshot for the one about to be removed
+            self.guard.policy = dataclasses.replace(policy, keep=policy.keep + 1)
+        try:
+            self.save(None, completed=True, tags=("final",), wait=True)
+        finally:
+            self.guard.policy = policy
+        if same and self.guard.last_saved is not None and self.guard.last_saved.id != previous.id:
+            try:
+                self.guard.catalog.delete(previous.id, previous.run)
+            except NbguardError:
+                pass  # already gone (retention): nothing to supersede
+
+    def _save_cost(self) -> float:
+        stats = self.guard.last_stats
+        return stats.durable_after if stats is not None else 1.0
 
     def run(self) -> None:
         """Execute the cell under guard. Exceptions of the cell propagate (after a message)."""
@@ -355,7 +430,12 @@ class CheckpointedCell:
         try:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
-            self.save(None, completed=True, tags=("final",), wait=True)
+                self._final_progress = top_progress(self.runtime, self.labels)
+                self._final_loops = exhausted_top_loop(self.runtime)
+            if plan is None or not plan.completed:
+                self._save_final()
+            elif self.runtime.resumed:  # a finished run restored as it was: its final snapshot stands
+                self._restored_mark = state_mark(self.state())
             self.finished = True
             self.result = self.namespace.get(RESULT_NAME)
         except StopAfterSave:
@@ -368,6 +448,12 @@ class CheckpointedCell:
                 raise
             self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
             raise
+        except RestoreError as exc:
+            if "--fresh" in str(exc):
+                raise
+            # The loops did not reach the snapshot's position: say both ways on, never retrain silently.
+            raise RestoreError(f"{exc}. To continue from another snapshot: %%checkpointed --resume-from ID ; to "
+                               "start over: --fresh") from None
         except Exception:
             if not isinstance(sys.exc_info()[1], NbguardError):
                 self._said(f"the cell stopped with an error; the last snapshot is kept{self._last_text()}. "
@@ -387,9 +473,11 @@ class CheckpointedCell:
                    "To be protected while it trains, write the loop in the notebook (a function defined in an "
                    "earlier cell works), or use the library's own checkpointing")
 
-    def _last_text(self) -> str:
+    def _last_text(self, brief: bool = False) -> str:
         self.guard.flush(10)
         last = self.guard.last_saved or (self.resumed_from if self.resumed_from else None)
+        if brief:
+            return f"{last.id}{' (' + last.label + ')' if last.label else ''}" if last is not None else "(none)"
         if last is None:
             return " (none was taken yet)"
         return f" ({last.id}{', ' + last.label if last.label else ''}, {ago(last.created)})"
@@ -399,10 +487,7 @@ class CheckpointedCell:
 
 
 def _extra(snapshot: Snapshot) -> dict[str, Any]:
-    from .codec import decode
-
-    value = decode(snapshot.manifest["extra"], snapshot.tensor)
-    return value if isinstance(value, dict) else {}
+    return extra_of(snapshot)
 
 
 def _install(signum: int, handler: Callable) -> Any:

@@ -134,7 +134,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbguard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="nbguard", description=_plain(__doc__.split("\n\n")[0]),
+                                     epilog=_plain(__doc__.split("\n\n", 1)[1]))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_dir(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -166,9 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help="train, crash, resume: see nbguard at work in under a minute")
     p.add_argument("dir_for_demo", nargs="?", default=None, metavar="DIR",
-                   help="where the demo's snapshots go (default: $NBGUARD_DIR or ./nbguard-demo)")
+                   help="where the demo's snapshots go (default: $NBGUARD_DIR, else nbguard-demo in the temporary folder)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _plain(text: str) -> str:
+    """Docstring markup out of what the terminal shows: ``NBGUARD_DIR`` → NBGUARD_DIR."""
+    return " ".join(text.replace("``", "").split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`nbguard ls | head -1`): that is not an error. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 EPOCHS = 8
@@ -85,28 +86,34 @@ def _lines(proc: subprocess.Popen):
 
 def main(folder: str | None = None) -> int:
     """Run the demo; returns 0 when the resumed run matches the uninterrupted one."""
+    where = "(from NBGUARD_DIR)" if os.environ.get("NBGUARD_DIR") and not folder else "(set NBGUARD_DIR to choose another folder)"
+    # Not the current folder: run from a checkout, the demo must not leave files in the repository.
+    folder = os.path.abspath(folder or os.environ.get("NBGUARD_DIR") or os.path.join(tempfile.gettempdir(), "nbguard-demo"))
+    shutil.rmtree(os.path.join(folder, "runs", "demo"), ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nbguard-demo-weights-") as work:  # the compared weights: not the store's
+        return _run(folder, where, work)
+
+
+def _run(folder: str, where: str, work: str) -> int:
     import torch
 
     from .catalog import Catalog
     from .humanize import size as human_size
     from .weights import load_weights
 
-    where = "(from NBGUARD_DIR)" if os.environ.get("NBGUARD_DIR") and not folder else "(set NBGUARD_DIR to choose another folder)"
-    folder = os.path.abspath(folder or os.environ.get("NBGUARD_DIR") or "nbguard-demo")
-    shutil.rmtree(os.path.join(folder, "runs", "demo"), ignore_errors=True)
-    os.makedirs(folder, exist_ok=True)
     began = time.time()
     print("nbguard demo: what happens when training crashes half-way\n")
     print(f"Snapshots go to {folder} {where}.\n")
 
     print(f"1. Training a small network for {EPOCHS} epochs without interruption, as a reference...")
-    reference = _child("reference", folder, os.path.join(folder, "reference.safetensors"))
+    reference = _child("reference", folder, os.path.join(work, "reference.safetensors"))
     reference_loss = next(float(w[1]) for w in _lines(reference) if w[0] == "DONE")
     reference.wait()
     print(f"   done: final training loss {reference_loss:.4f}\n")
 
     print("2. The same training with nbguard saving a snapshot after every epoch...")
-    crash = _child("crash", folder, os.path.join(folder, "crashed.safetensors"))
+    crash = _child("crash", folder, os.path.join(work, "crashed.safetensors"))
     for words in _lines(crash):
         if words[0] == "SAVED":
             print(f"   epoch {words[1]} finished, snapshot saved")
@@ -125,7 +132,7 @@ def main(folder: str | None = None) -> int:
     print("   the loss history and the state of every random number generator.\n")
 
     print("3. Starting again, as you would after reconnecting: nbguard restores the newest snapshot...")
-    resumed = _child("resume", folder, os.path.join(folder, "resumed.safetensors"))
+    resumed = _child("resume", folder, os.path.join(work, "resumed.safetensors"))
     resumed_loss = None
     for words in _lines(resumed):
         if words[0] == "RESUMED":
@@ -136,8 +143,8 @@ def main(folder: str | None = None) -> int:
     resumed.wait()
     print(f"   done: final training loss {resumed_loss:.4f}\n")
 
-    ref = load_weights(os.path.join(folder, "reference.safetensors"))
-    res = load_weights(os.path.join(folder, "resumed.safetensors"))
+    ref = load_weights(os.path.join(work, "reference.safetensors"))
+    res = load_weights(os.path.join(work, "resumed.safetensors"))
     same = ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
     if same:
         print("Result: the resumed run ended with exactly the same weights as the uninterrupted run,")

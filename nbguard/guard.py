@@ -107,6 +107,7 @@ class Guard:
         self.on_retake: Callable[[], None] | None = None
         self._streaming_said = False
         self._last_value_trees: dict[str, Any] = {}
+        self._last_manifest: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Guard(store={self.store.url!r}, run={self.run!r}, keep={self.policy.keep})"
@@ -127,15 +128,18 @@ class Guard:
         tags: Iterable[str] = (),
         extra: Any = None,
         wait: bool = False,
+        unless_same: bool = False,
     ) -> SaveHandle[SnapshotInfo]:
         """Snapshot ``state`` (name → object or value) plus every RNG.
 
         Returns once the state is staged in memory; the handle's ``wait()``/``result()`` tell when
-        it is durable. Values that cannot be stored are skipped with a one-line warning.
+        it is durable. Values that cannot be stored are skipped with a one-line warning. With
+        ``unless_same``, a state identical to the last snapshot's (same bytes, values, position and
+        extra) is not committed again: the handle gives the last snapshot (one snapshot per state).
         """
         metrics = _check_metrics(metrics)
         for _ in range(3):  # a retake copies what went stale, so it cannot go stale the same way
-            handle = self._save_once(state, metrics, position, note, tags, extra)
+            handle = self._save_once(state, metrics, position, note, tags, extra, unless_same)
             if not wait:
                 return handle
             self._writer.flush()  # durable, and old snapshots cleaned up
@@ -152,7 +156,7 @@ class Guard:
                 self._staging.wait_prefault()
 
     def _save_once(self, state: Mapping[str, Any], metrics: dict[str, float], position: Any, note: str | None,
-                   tags: Iterable[str], extra: Any) -> SaveHandle[SnapshotInfo]:
+                   tags: Iterable[str], extra: Any, unless_same: bool) -> SaveHandle[SnapshotInfo]:
         started = time.perf_counter()
         with self._lock:
             self._writer.flush()  # at most one save in flight: its buffers are about to be reused
@@ -176,7 +180,7 @@ class Guard:
             stall = time.perf_counter() - started
             stats = SaveStats(stall, staged.staged_bytes, staged.reused_bytes, streaming=staged.streaming)
             handle: SaveHandle[SnapshotInfo] = SaveHandle(snapshot_id)
-            job = lambda: self._write(manifest, staged, stats, started)  # noqa: E731
+            job = lambda: self._write(manifest, staged, stats, started, unless_same)  # noqa: E731
             if staged.streaming:
                 if not self._streaming_said:
                     self._streaming_said = True
@@ -187,7 +191,8 @@ class Guard:
                 self._writer.submit(job, handle, then=self._after_write)
         return handle
 
-    def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float) -> SnapshotInfo:
+    def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float,
+               unless_same: bool = False) -> SnapshotInfo:
         try:
             stale = self._staging.verify_reused(staged.groups)
             if stale:
@@ -200,6 +205,11 @@ class Guard:
             }
             manifest["size"] = sum(e.nbytes for e in entries.values())
             manifest["written"] = written
+            if unless_same and self.last_saved is not None and _same_state(manifest, self._last_manifest):
+                # Nothing is committed: entries that only a skipped manifest would reference must not be
+                # reused by a later save (the blob they sit in may be collected as unused).
+                self._staging.forget(staged.groups)
+                return self.last_saved
             path = manifest_path(self.run, manifest["id"])
             self.store.write(path, [encode_manifest(manifest)])
         except BaseException as exc:
@@ -221,6 +231,7 @@ class Guard:
             self._reported = {key for key in self._reported if not key.startswith("store:")}
             self._report("saving works again")
         self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
+        self._last_manifest = manifest
         info = info_from(manifest, state=self.catalog._state(path))
         self.last_error = None
         self.last_saved = info
@@ -329,6 +340,16 @@ def _stale_message(groups: list) -> str:
     return (f"{shown} changed without torch's version counter noticing (a native kernel such as BatchNorm's, "
             "`.data`, NumPy or a raw pointer): the snapshot was not kept and is taken again at the next safe point; "
             "from now on these tensors are copied at every save")
+
+
+def _same_state(manifest: Mapping[str, Any], last: Mapping[str, Any]) -> bool:
+    """Whether two manifests describe the same state (they may differ in id, time, tags and note)."""
+    keys = ("run", "position", "metrics", "objects", "rng", "tensors", "extra")
+
+    def contents(m: Mapping[str, Any]) -> dict[str, Any]:  # by content: the same bytes may sit in another blob
+        return {key: (entry["hash"], entry["nbytes"]) for key, entry in m.get("storages", {}).items()}
+
+    return bool(last) and all(manifest.get(k) == last.get(k) for k in keys) and contents(manifest) == contents(last)
 
 
 def _damage_key(text: str) -> str:

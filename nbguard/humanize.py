@@ -51,6 +51,8 @@ def position_label(position: object) -> str:
     """'epoch 3, batch 120' from a loop position; '' when there is nothing to say."""
     if not isinstance(position, dict) or not position:
         return ""
+    if isinstance(position.get("label"), str):  # written by the saver in words: "in epoch 3, after batch 27 of 48"
+        return position["label"]
     parts = [f"{key} {position[key]}" for key in ("epoch", "batch", "step", "iteration")
              if type(position.get(key)) in (int, float)]
     if not parts:

@@ -226,3 +226,66 @@ def default_dir() -> str:
     if session is not None:
         return session.store_location(session.defaults)
     return default_location(detect_platform(), notebook_identity()).path
+
+
+def judge_location(location: str, platform: str, environ: Mapping[str, str] = os.environ, *,
+                   root: str = "/") -> Place:
+    """What to tell the user about a folder (or URL) they chose with ``--dir``: whether it survives
+    a disconnect here, and a warning when it looks like a mistyped Google Drive path."""
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        if scheme == "gdrive":
+            return Place(location, platform, True, "in Google Drive through its API: saved on this machine first, "
+                                                    "then uploaded and verified")
+        if scheme == "memory":
+            return Place(location, platform, False, "in this kernel's memory: gone when the kernel stops")
+        return Place(location, platform, True, f"in the {scheme} store")
+    path = os.path.abspath(os.path.expanduser(location))
+    place = _judge(platform, path, "", root, environ)
+    typo = mistyped_drive(path)
+    if typo:
+        warning = f"{path} looks like a mistyped Google Drive path ({typo}): these folders are created on this " \
+                  "machine's temporary disk. Check the spelling, e.g. /content/drive/MyDrive/…"
+        if platform == "colab":  # not in the Drive mount (or refused by it): the VM's own disk
+            return Place(place.path, platform, False, "on this machine's disk: lost when Colab recycles the VM", warning)
+        return Place(place.path, place.platform, place.survives_disconnect, place.why, warning)
+    return place
+
+
+def mistyped_drive(path: str) -> str | None:
+    """'did you mean …' when ``path`` is close to, but not inside, Colab's Drive mount."""
+    import difflib
+
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) < 3 or parts[1] != "content":
+        return None
+
+    def near(word: str, target: str) -> bool:
+        return word != target and difflib.SequenceMatcher(None, word.lower(), target.lower()).ratio() >= 0.7
+
+    if near(parts[2], "drive"):
+        return f"'{parts[2]}' instead of 'drive'"
+    if parts[2] == "drive" and len(parts) > 3 and parts[3] not in ("MyDrive", "My Drive", "Shareddrives",
+                                                                   "Othercomputers", ".shortcut-targets-by-id"):
+        if near(parts[3], "MyDrive"):
+            return f"'{parts[3]}' instead of 'MyDrive'"
+    return None
+
+
+def name_from_cell(source: str) -> str:
+    """A stable folder name for a notebook whose kernel does not say which notebook it runs: from
+    the names its guarded cell's loops use (``epoch``, ``range``, ``loader``...), which stay the same
+    when bounds, hyperparameters or prints are edited."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        tree = None
+    names: set[str] = set()
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, (ast.For, ast.While)):
+            parts = [node.target, node.iter] if isinstance(node, ast.For) else [node.test]
+            names.update(n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name))
+    key = " ".join(sorted(names)) or source.strip()
+    return f"cell-{hashlib.sha1(key.encode()).hexdigest()[:10]}"

@@ -10,19 +10,23 @@ import atexit
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .budget import Budget
 from .catalog import Catalog
 from .errors import UsageError
 from .guard import Guard, Reporter
 from .humanize import ago
+from .humanize import duration as human_duration
 from .humanize import size as human_size
 from .manifest import SnapshotInfo
 from .retention import Policy
 
 DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+MIN_EVERY = 0.1  # below this the timer thread would only spin: saves coalesce at the writer anyway
 
 
 def parse_duration(text: str | float) -> float:
@@ -39,8 +43,8 @@ def parse_duration(text: str | float) -> float:
             value = float(number) * DURATION_UNITS[unit]
         except ValueError:
             raise UsageError(f"--every {text!r}: use a duration such as 30s, 10m or 1h") from None
-    if value <= 0:
-        raise UsageError(f"--every {text!r}: the interval must be positive")
+    if not value >= MIN_EVERY or value == float("inf"):
+        raise UsageError(f"--every {text!r}: the interval must be at least {MIN_EVERY:g} s (e.g. 30s, 10m or 1h)")
     return value
 
 
@@ -58,13 +62,14 @@ class CellOptions:
     exclude: tuple[str, ...] = ()
     fresh: bool = False
     resume_from: str | None = None
+    budget: float | None = None  # seconds from the cell's start; None: the platform's default; 0: none
 
     def policy(self) -> Policy:
         return Policy(keep=self.keep, best_metric=self.best[0] if self.best else None,
                       best_mode=self.best[1] if self.best else "min")
 
 
-CONFIG_KEYS = {"every", "every_iter", "keep", "best", "dir", "name"}
+CONFIG_KEYS = {"every", "every_iter", "keep", "best", "dir", "name", "budget"}
 
 
 @dataclass
@@ -77,6 +82,10 @@ class Session:
     place_text: str = ""
     notebook: str = "notebook"
     place_warning: str | None = None
+    platform: str = "ipython"
+    platform_budget: Budget | None = None  # the platform's session limit, when known
+    announced: set[str] = field(default_factory=set)  # --dir places already described to the user
+    name_pending: bool = False  # the notebook's name is unknown: taken from its first guarded cell
     defaults: CellOptions = field(default_factory=CellOptions)
     guards: dict[tuple[str, str], Guard] = field(default_factory=dict)
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
@@ -96,10 +105,62 @@ class Session:
             settings["keep"] = _positive_int("keep", settings["keep"])
         if "every_iter" in settings:
             settings["every_iter"] = _positive_int("every_iter", settings["every_iter"])
+        if "budget" in settings and isinstance(settings["budget"], str):
+            from .budget import parse_budget
+
+            settings["budget"] = parse_budget(settings["budget"]) or 0.0
         if "best" in settings and isinstance(settings["best"], str):
             settings["best"] = Policy.parse_best(settings["best"])
         self.defaults = replace(self.defaults, **settings)
+        if settings.get("dir"):
+            self.name_pending = False
         return self.defaults
+
+    def budget_for(self, options: CellOptions) -> Budget | None:
+        """The time budget of a guarded cell starting now: ``--budget``, else the platform's."""
+        if options.budget == 0:
+            return None
+        if options.budget:
+            return Budget(options.budget, time.monotonic(), "--budget")
+        return self.platform_budget
+
+    def make_durable(self, guard: Guard, timeout: float) -> bool:
+        """Wait until the guard's last save is durable where it survives the session: written and
+        committed, uploaded and verified for a replicated store (Drive), flushed for a mount."""
+        deadline = time.monotonic() + timeout
+        ok = guard.flush(timeout)
+        store = guard.store
+        flush = getattr(store, "flush", None)
+        if callable(flush):
+            ok = bool(flush(max(0.0, deadline - time.monotonic()))) and ok
+        if getattr(store, "remote_kind", None) == "mount" and hasattr(os, "sync"):
+            os.sync()  # a finished write on a FUSE mount (Colab's Drive) is not yet in the cloud
+        return ok
+
+    def name_notebook_from_cell(self, source: str) -> str | None:
+        """In a kernel that does not say which notebook it runs (started by jupyter_client,
+        papermill or nbconvert), name this notebook's folder after its first guarded cell instead
+        of sharing one folder with every such notebook. Returns the line to print, once."""
+        if not self.name_pending:
+            return None
+        from .place import FOLDER, name_from_cell
+
+        self.name_pending = False
+        self.notebook = name_from_cell(source)
+        self.default_dir = os.path.join(os.path.dirname(self.default_dir.rstrip(os.sep)), self.notebook)
+        return (f"this kernel does not say which notebook it runs (no JPY_SESSION_NAME: jupyter_client, papermill "
+                f"or nbconvert), so this notebook's snapshots go to {self.default_dir}, named after the loops of "
+                f"its training cell. To choose the folder: set NBGUARD_DIR, or run %nbguard config dir=PATH "
+                f"before the training cell (or give it --dir PATH); a {FOLDER} folder is shared by the notebooks "
+                "next to it")
+
+    def place_sentence(self, location: str) -> str:
+        """'/path/to/folder (in your Google Drive)': where, and whether that survives a disconnect."""
+        if location == self.default_dir:
+            return f"{location} ({self.place_text})" if self.place_text else location
+        from .place import judge_location
+
+        return f"{location} ({judge_location(location, self.platform).why})"
 
     def store_location(self, options: CellOptions) -> str:
         return options.dir or self.default_dir
@@ -130,6 +191,11 @@ class Session:
 
     def banner(self) -> str:
         """The one line ``%load_ext nbguard`` prints."""
+        if self.name_pending:
+            folder = os.path.dirname(self.default_dir.rstrip(os.sep))
+            return (f"nbguard: snapshots of this notebook go to {folder}{os.sep}<name> ({self.place_text}); this kernel "
+                    "does not say which notebook it runs, so <name> comes from the training cell when it first runs "
+                    "(set NBGUARD_DIR to choose the folder)")
         text = f"nbguard: snapshots of this notebook go to {self.default_dir}"
         if self.place_text:
             text += f" ({self.place_text})"
@@ -171,6 +237,9 @@ class Session:
                 lines.append(f"last save: {last.id}, {ago(last.created)}" + (f", {last.label}" if last.label else ""))
             if self.running_cell is not None:
                 lines.append(f"next save: within {cell.options.every:.0f} s of the last one, at the end of a loop iteration")
+                if cell.budget is not None:
+                    lines.append(f"time budget: {cell.budget.text()}; the cell saves and stops cleanly within "
+                                 f"{human_duration(max(0.0, cell.budget.left()))}")
             lines.append("writer: " + ("writing a snapshot" if guard.busy else "idle")
                          + (f"; last error: {guard.last_error}" if guard.last_error else ""))
         return "\n".join(f"nbguard: {line}" for line in lines)

@@ -117,6 +117,11 @@ class Writer:
             self._closed = True
             self._cond.notify_all()
         _live_writers.discard(self)
+        # Wait for the thread to end: a daemon thread still freeing tensors when the interpreter
+        # finalizes is killed inside torch's C++ code, which aborts the process (std::terminate).
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         return flushed
 
     def _loop(self) -> None:

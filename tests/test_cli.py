@@ -53,9 +53,34 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
 
 
+def test_help_shows_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "The nbguard command" in out and "NBGUARD_DIR" in out
+
+
+def test_a_reader_that_goes_away_is_no_error(folder):
+    """`nbguard ls DIR | head -1`: head exits early; no BrokenPipeError, exit status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "nbguard.cli", "ls", str(folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child writes anything: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Error" not in err and "Traceback" not in err, err
+
+
 @pytest.mark.e2e
 def test_demo_crashes_resumes_and_matches(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nbguard.cli", "demo", str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "NBGUARD_DIR"}
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "cwd").mkdir()
+    result = subprocess.run([sys.executable, "-m", "nbguard.cli", "demo"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path / "cwd", env={**env, "TMPDIR": str(tmp_path / "tmp")})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "killed (SIGKILL)" in result.stdout and "bit for bit" in result.stdout
+    assert os.listdir(tmp_path / "cwd") == []  # nothing left in the folder it ran from (a repository)
+    store = tmp_path / "tmp" / "nbguard-demo"
+    assert sorted(os.listdir(store)) == ["blobs", "runs"]  # the compared weights were not written into the store
+    assert os.listdir(tmp_path / "tmp") == ["nbguard-demo"]

@@ -201,3 +201,99 @@ def test_shutdown_while_idle_saves_changes_made_outside_the_cell(tmp_path):
         assert _digest(kernel.run(DIGEST)[0]) == expected
     finally:
         kernel.shutdown()
+
+
+def run_all(kernel: Kernel, cells: list[str], timeout: float = 180) -> list[tuple[str, str]]:
+    """Queue every cell at once, as "Run all" does (stop_on_error): (reply status, output) per cell."""
+    ids = [kernel.kc.execute(cell) for cell in cells]
+    statuses: dict[str, str] = {}
+    texts: dict[str, list[str]] = {i: [] for i in ids}
+    deadline = time.monotonic() + timeout
+    while len(statuses) < len(ids) and time.monotonic() < deadline:
+        reply = kernel.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") in texts:  # earlier cells' replies are still queued
+            statuses[reply["parent_header"]["msg_id"]] = reply["content"]["status"]
+    while True:
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=1)
+        except Exception:
+            break
+        parent = msg["parent_header"].get("msg_id")
+        if parent in texts and msg["msg_type"] == "stream":
+            texts[parent].append(msg["content"]["text"])
+        elif parent in texts and msg["msg_type"] == "error":
+            texts[parent].append("\n".join(msg["content"]["traceback"]))
+    return [(statuses.get(i, "missing"), "".join(texts[i])) for i in ids]
+
+
+def test_refusals_end_the_cell_in_error_and_run_all_stops(tmp_path):
+    setup = SETUP.replace("WORKERS", "0")
+    loop = textwrap.dedent(LOOPS["nested-enumerate"])
+    after = "print('NEXT CELL RAN', history)"
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        (status, out), (next_status, next_out) = run_all(kernel, ["%%checkpointed --evry 5m\n" + loop, after])
+        assert status == "error" and "unrecognized arguments: --evry 5m" in out, out
+        assert "Traceback" not in out and next_status == "aborted" and "NEXT CELL RAN" not in next_out
+
+        kernel.run("%%checkpointed --every-iter 1\n" + loop.replace("history.append(running)", "history.append(running)\n    if epoch == 2: raise RuntimeError('crash')"))
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup.replace("nn.Linear(32, 2)", "nn.Linear(32, 3)"))
+        cell = "%%checkpointed --every-iter 1\n" + loop.replace("history.append(running)", "history.append(running)\n    if epoch == 2: raise RuntimeError('crash')")
+        (status, out), (next_status, next_out) = run_all(kernel, [cell, after])
+        assert status == "error" and "--fresh" in out and "build the same model" in out, out
+        assert "Traceback" not in out and next_status == "aborted" and "NEXT CELL RAN" not in next_out
+    finally:
+        kernel.shutdown()
+
+
+def test_budget_stops_the_cell_cleanly_and_a_new_session_continues(tmp_path):
+    setup = SETUP.replace("WORKERS", "0").replace("time.sleep(0.03)", "time.sleep(0.1)")  # 4 s of training
+    loop = textwrap.dedent(LOOPS["nested-enumerate"])
+    kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
+    try:
+        kernel.run(setup)
+        kernel.run(loop)
+        expected = _digest(kernel.run(DIGEST)[0])
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        (status, out), (next_status, _) = run_all(kernel, ["%%checkpointed --every 1h --budget 1.5s\n" + loop, DIGEST])
+        assert status == "error" and next_status == "aborted", out
+        assert "time budget of 1.5 s" in out and "continues from there" in out and "Traceback" not in out, out
+        kernel.restart()
+        kernel.run("%load_ext nbguard")
+        kernel.run(setup)
+        out, error = kernel.run("%%checkpointed --every 1h\n" + loop)
+        assert error is None and "resumed from snapshot" in out, out
+        assert _digest(kernel.run(DIGEST)[0]) == expected
+    finally:
+        kernel.shutdown()
+
+
+def test_plain_kernels_name_their_folder_after_the_training_cell(tmp_path, monkeypatch):
+    """Kernels started by jupyter_client/papermill/nbconvert do not say which notebook they run: two
+    notebooks in one folder must not silently share nbguard-snapshots/notebook."""
+    for name in ("NBGUARD_DIR", "JPY_SESSION_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    setup = SETUP.replace("WORKERS", "0")
+    folders = []
+    for form in ("nested-enumerate", "while-steps"):
+        kernel = Kernel(str(tmp_path))
+        try:
+            out, error = kernel.run("%load_ext nbguard")
+            assert error is None and "does not say which notebook it runs" in out, out
+            kernel.run(setup)
+            out, error = kernel.run("%%checkpointed --every 1h\n" + textwrap.dedent(LOOPS[form]))
+            assert error is None and "named after the loops of its training cell" in out and "NBGUARD_DIR" in out, out
+            folders.append(re.search(r"snapshots go to (\S+), named", out).group(1))
+        finally:
+            kernel.shutdown()
+    assert folders[0] != folders[1] and all(f.startswith(str(tmp_path / "nbguard-snapshots")) for f in folders)
+    assert not (tmp_path / "nbguard-snapshots" / "notebook").exists()
+    import nbguard
+
+    assert all(nbguard.Catalog(f).snapshots() for f in folders)

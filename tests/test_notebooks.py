@@ -237,7 +237,7 @@ def test_03_google_drive_through_the_api_emulator(tmp_path):
     final_list = text_of(nb.cells[[i for i, c in enumerate(nb.cells) if "store.flush(" in c.source][0]])
     rows = [line for line in final_list.splitlines() if re.match(r"\d{8}T\d{6}-", line)]
     assert rows, final_list
-    assert all(re.search(r"\sverified(\s+\[final\])?$", line.rstrip()) for line in rows), final_list
+    assert all(re.search(r"\ssafe in Drive(\s+\[final\])?$", line.rstrip()) for line in rows), final_list
     assert "03_google_drive" in titles and sum(t.endswith(".json") for t in titles) == len(rows)
     assert "nbguard: removed 0 unused blob(s)" in out
     assert not snapshots_in(tmp_path / "work"), "with the Drive API connected, nothing goes to NBGUARD_DIR"
@@ -246,7 +246,7 @@ def test_03_google_drive_through_the_api_emulator(tmp_path):
 def test_04_best_and_compare(plain_runs):
     nb = plain_runs("04_best_and_compare").nb
     out = outputs(nb)
-    best_line = re.search(r"the best snapshot: (\S+) \((epoch \d+)\), validation loss ([\d.]+)", out)
+    best_line = re.search(r"the best snapshot: (\S+) \((after epoch \d+ of 20)\), validation loss ([\d.]+)", out)
     assert best_line, out
     assert re.search(rf"{best_line[1]}\s+{best_line[2]}\s+val_loss {best_line[3]}\s+best pinned", out), out
     assert "tensors changed:" in out and "model/0.weight   moved by" in out

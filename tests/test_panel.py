@@ -408,6 +408,20 @@ def test_model_formats_and_ranks():
                                            run_notes={"r": "<b>"})
 
 
+def test_best_is_never_an_accumulator():
+    from nbguard import metric_names
+
+    snaps = [info(1, total=1033.0, running=3.2), info(2, total=1200.0, running=2.9), info(3, total=1500.0, running=2.1)]
+    assert all("best" not in marks for marks in model.badges(snaps).values())  # no --best, no named metric
+    assert "best" not in model.run_notes(snaps)["r"]
+    named = [info(1, total=10.0, val_acc=0.7), info(2, total=20.0, val_acc=0.9), info(3, total=30.0, val_acc=0.8)]
+    assert model.badges(named)[named[1].id] == ("best",) and "best val_acc 0.9 (max)" in model.run_notes(named)["r"]
+    assert "best" in model.badges(snaps, "running:min")[snaps[2].id]  # asked for: ranked
+    assert [n for n in ("val_loss", "acc", "testAcc", "f1", "top1_error", "loss") if metric_names.is_metric(n)] == \
+        ["val_loss", "acc", "testAcc", "f1", "top1_error", "loss"]
+    assert not any(metric_names.is_metric(n) for n in ("total", "running", "running_loss", "loss_sum", "n", "lr", "x"))
+
+
 def test_chart_handles_none_one_many_and_nan():
     assert "No metrics" in chart_svg([info(1)])
     one = chart_svg([info(1, loss=0.5)], selected=info(1).id)

@@ -278,3 +278,29 @@ def test_inside_a_real_jupyter_kernel(tmp_path):
     assert reply["content"]["status"] == "ok"
     text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
     assert text.split() == ["jupyter", "My-Nb", str(tmp_path / "nbguard-snapshots" / "My-Nb")]
+
+
+def test_name_from_the_training_cell_survives_edits_of_bounds_and_prints():
+    from nbguard.place import name_from_cell
+
+    cell = "for epoch in range(5):\n    for x, y in loader:\n        step(x, y)\n"
+    edited = "lr = 3e-4\nfor epoch in range(8):\n    print(epoch)\n    for x, y in loader:\n        step(x, y)\n"
+    other = "for epoch in range(5):\n    for x, y in train_loader:\n        step(x, y)\n"
+    assert name_from_cell(cell) == name_from_cell(edited) != name_from_cell(other)
+    assert name_from_cell(cell).startswith("cell-")
+
+
+@pytest.mark.parametrize(("path", "typo"), [("/content/drvie/MyDrive/runs", "'drvie' instead of 'drive'"),
+                                            ("/content/drive/Mydrive/runs", "'Mydrive' instead of 'MyDrive'"),
+                                            ("/content/drive/MyDrive/runs", None), ("/content/runs", None),
+                                            ("/home/me/drvie", None)])
+def test_a_mistyped_drive_path_is_recognised(path, typo):
+    from nbguard.place import judge_location, mistyped_drive
+
+    assert mistyped_drive(path) == typo
+    place = judge_location(path, "colab", {})
+    assert (place.warning is not None and "mistyped Google Drive path" in place.warning) == (typo is not None)
+    if path.startswith("/content/drive/MyDrive"):
+        assert place.survives_disconnect and place.why == "in your Google Drive"
+    elif typo:
+        assert not place.survives_disconnect and "lost when Colab recycles the VM" in place.why

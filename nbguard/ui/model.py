@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import metric_names
 from ..humanize import ago, clock, duration, size
 from ..manifest import SnapshotInfo
 from ..retention import best_of
@@ -98,6 +99,14 @@ def storage_label(state: str, kind: str = "disk", remote: str = "Drive") -> tupl
     }.get(state, (state, "plain"))
 
 
+def storage_kind(store: Any) -> tuple[str, str]:
+    """('replicated' | 'memory' | 'disk', what to call the remote side) of a store."""
+    if callable(getattr(store, "state", None)):
+        drive = getattr(store, "remote_kind", None) in ("mount", "api") or "drive" in store.url.lower()
+        return "replicated", "Drive" if drive else "remote store"
+    return ("memory" if store.url.startswith("memory://") else "disk"), ""
+
+
 def writer_status(busy: bool, last_saved: SnapshotInfo | None, last_error: BaseException | None,
                   durable_after: float | None = None, now: float | None = None) -> tuple[str, str]:
     """The background writer in plain words, and its tone."""
@@ -123,13 +132,15 @@ def grouped(infos: Iterable[SnapshotInfo]) -> list[SnapshotInfo]:
 
 
 def first_metric(infos: Sequence[SnapshotInfo]) -> str | None:
-    """The first metric of the newest snapshot that has any."""
-    return next((name for s in infos for name in s.metrics), None)
+    """The first metric, newest snapshot first, whose name says what it measures (``val_loss``,
+    ``acc``); never an accumulator such as ``total`` or ``running_loss`` (see ``metric_names``)."""
+    return next((name for s in infos for name in s.metrics if metric_names.is_metric(name)), None)
 
 
 def run_best(infos: Sequence[SnapshotInfo], chosen: str | None = None) -> tuple[str, str, SnapshotInfo] | None:
     """(metric, mode, best snapshot) of one run's snapshots (newest first), by ``chosen`` when the
-    run has it, else by its first metric; None when fewer than two snapshots have that metric."""
+    run has it, else by its first metric whose name says what it measures; None when there is no
+    such metric or fewer than two snapshots have it."""
     spec = parse_metric(chosen)
     if spec is None or not any(spec[0] in s.metrics for s in infos):
         name = first_metric(infos)

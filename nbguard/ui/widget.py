@@ -616,11 +616,7 @@ def _default_place(store: Store) -> str:
 
 
 def _storage_kind(store: Store) -> tuple[str, str]:
-    """('replicated' | 'memory' | 'disk', what to call the remote side)."""
-    if callable(getattr(store, "state", None)):
-        drive = getattr(store, "remote_kind", None) in ("mount", "api") or "drive" in store.url.lower()
-        return "replicated", "Drive" if drive else "remote store"
-    return ("memory" if store.url.startswith("memory://") else "disk"), ""
+    return model.storage_kind(store)
 
 
 def _default_export_path(info: SnapshotInfo, module: str) -> str:
