@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError
-from nbguard import leases
+from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError, leases
 from nbguard.blobfile import BLOB_SUFFIX
-from nbguard.owner import host_id
 from nbguard.manifest import encode_manifest, manifest_path, new_id
+from nbguard.owner import host_id
 
 RUN = "ret"
 

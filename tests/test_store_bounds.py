@@ -15,13 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from nbguard import Catalog, Guard, LocalStore, UsageError
+from nbguard import Catalog, Guard, LocalStore, UsageError, leases
 from nbguard import catalog as catalog_module
-from nbguard import leases
 from nbguard.blobfile import BLOB_SUFFIX, blob_path
 from nbguard.cli import main as cli
 from nbguard.errors import NbguardError, StoreError
-from nbguard.manifest import MAX_ENTRIES, check_run_name, encode_manifest, manifest_path, new_id, parse_manifest
+from nbguard.manifest import (
+    MAX_ENTRIES,
+    check_run_name,
+    encode_manifest,
+    manifest_path,
+    new_id,
+    parse_manifest,
+)
 from nbguard.owner import host_id
 
 RUN = "bounds"
