@@ -237,10 +237,14 @@ class Catalog:
         info = self.find(ref, run)
         return Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
 
-    def latest_good(self, run: str | None = None, *, names: Iterable[str] | None = None) -> tuple[Snapshot, list[str]]:
-        """The newest snapshot whose bytes all verify, and a message for each newer one skipped."""
+    def latest_good(self, run: str | None = None, *, names: Iterable[str] | None = None,
+                    lineage: str | None = None) -> tuple[Snapshot, list[str]]:
+        """The newest snapshot whose bytes all verify, and a message for each newer one skipped;
+        with ``lineage``, only snapshots of that lineage (``SnapshotInfo.lineage``) are considered."""
         skipped = []
         for info in self.snapshots(run):
+            if lineage is not None and info.lineage != lineage:
+                continue
             snapshot = Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
             try:
                 snapshot._load(snapshot.storage_keys_of(names or snapshot.names) + snapshot._rng_storage_keys(True), None)

@@ -392,6 +392,8 @@ def _check_lineage(lineage: str) -> str:
 
 def default_lineage() -> str | None:
     """The Jupyter kernel's id (it survives a kernel restart), or None outside a kernel."""
+    if "ipykernel" not in sys.modules:  # not in a kernel (and never import one: scripts stay light)
+        return None
     try:
         from ipykernel import get_connection_file
 

@@ -376,6 +376,9 @@ def test_snapshots_say_which_writer_and_lineage_they_come_from(tmp_path):
     assert (listed[a1.id].writer, listed[a1.id].lineage, listed[a1.id].parent) == (a.writer_id, "kernel-a", None)
     assert (listed[a2.id].lineage, listed[a2.id].parent) == ("kernel-a", a1.id)
     assert (listed[b1.id].writer, listed[b1.id].lineage) == (b.writer_id, "kernel-b")
+    catalog = Catalog(LocalStore(root))
+    assert catalog.latest_good(RUN)[0].id == a2.id
+    assert catalog.latest_good(RUN, lineage="kernel-b")[0].id == b1.id
     resumed = Guard(LocalStore(root), run=RUN, report=None, lineage="kernel-b")
     resumed.restore({"model": nn.Linear(2, 2)}, b1.id)
     assert resumed.save({"model": model}, wait=True).result().parent == b1.id
