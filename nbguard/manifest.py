@@ -28,7 +28,9 @@ VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 200
 
-MAX_ENTRIES = 200_000  # tensors, storages, objects: beyond any model (a 10k-tensor model with Adam has 40k)
+MAX_ENTRIES = 100_000  # tensors, storages, objects: beyond any model (a 10k-tensor model with Adam has 40k)
+# Every JSON object needs a literal '{': counting them bounds the parsing work before any parsing.
+MAX_JSON_OBJECTS = 8 * MAX_ENTRIES
 LATEST_TIME = 253402300799.0  # 9999-12-31: later creation times are damage, not dates
 _ID = re.compile(r"^\d{8}T\d{6}-\d{3}-[0-9a-f]{4}\Z")
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
@@ -113,6 +115,8 @@ def parse_manifest(data: bytes, *, where: str = "manifest") -> dict[str, Any]:
     """Parse and validate a manifest; CorruptSnapshotError/SnapshotError say what is wrong."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise CorruptSnapshotError(f"{where} is implausibly large ({len(data)} bytes)")
+    if bytes(data).count(b"{") > MAX_JSON_OBJECTS:
+        raise CorruptSnapshotError(f"{where} holds implausibly many entries (more than {MAX_JSON_OBJECTS} objects)")
     try:
         manifest = json.loads(data, object_pairs_hook=no_duplicate_keys("manifest"), parse_constant=_reject_constant)
     except RecursionError as exc:

@@ -344,6 +344,20 @@ def test_a_manifest_with_too_many_entries_is_refused_before_it_is_checked(tmp_pa
         parse_manifest(encode_manifest(manifest))
 
 
+def test_a_manifest_with_a_million_entries_is_refused_without_parsing_it(tmp_path):
+    root = tmp_path / "store"
+    guard, save = changing_saver(LocalStore(root))
+    info = save(wait=True).result()
+    manifest = json.loads((root / manifest_path(RUN, info.id)).read_bytes())
+    manifest.pop("checksum")
+    layout = next(iter(manifest["tensors"].values()))
+    manifest["tensors"] = {f"t{i}": layout for i in range(10**6)}
+    bad = forged(root, info.id, tensors=manifest["tensors"])
+    catalog = Catalog(LocalStore(root))
+    assert [s.id for s in catalog.snapshots(RUN)] == [info.id]
+    assert "implausibly many entries" in catalog.problems[manifest_path(RUN, bad)]
+
+
 @pytest.mark.parametrize("name", ["run\n", "run\r\n", "ok\nrm"])
 def test_a_run_name_ending_in_a_newline_is_refused(name):
     with pytest.raises(UsageError, match="invalid run name"):
