@@ -398,3 +398,17 @@ def test_snapshots_say_which_writer_and_lineage_they_come_from(tmp_path):
     assert resumed.save({"model": model}, wait=True).result().parent == b1.id
     with pytest.raises(UsageError):
         Guard(LocalStore(root), run=RUN, report=None, lineage="")
+
+
+def test_the_panel_shows_a_folder_with_a_sentinel_metric_and_a_forged_date(tmp_path):
+    import nbguard
+
+    root = tmp_path / "store"
+    guard, save = changing_saver(LocalStore(root), keep=5)
+    good = [save(metrics={"best": -sys.float_info.max}, wait=True).result(),
+            save(metrics={"best": sys.float_info.max}, wait=True).result(),
+            save(metrics={"best": 0.5}, wait=True).result()]
+    forged(root, good[0].id, created=1e14)
+    panel = nbguard.panel(str(root), namespace={})
+    assert sorted(r.id for r in panel.rows) == sorted(g.id for g in good)
+    assert "<svg" in panel.chart.value
