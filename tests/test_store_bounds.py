@@ -412,3 +412,17 @@ def test_the_panel_shows_a_folder_with_a_sentinel_metric_and_a_forged_date(tmp_p
     panel = nbguard.panel(str(root), namespace={})
     assert sorted(r.id for r in panel.rows) == sorted(g.id for g in good)
     assert "<svg" in panel.chart.value
+
+
+def test_a_temporary_file_removed_under_a_save_is_reported_as_such_not_as_a_vanished_folder(tmp_path, reports):
+    root = tmp_path / "store"
+
+    def removed_by_someone(kind: str, path: str) -> None:
+        if kind == "rename" and path.startswith("runs/"):  # e.g. `gc --grace 0` from another machine
+            for leftover in (root / "runs" / RUN / "snapshots").glob(".tmp-*"):
+                leftover.unlink()
+
+    guard, save = changing_saver(LocalStore(root, on_event=removed_by_someone), report=reports.append)
+    error = save(wait=True).exception()
+    assert isinstance(error, StoreError) and "removed by another process" in str(error)
+    assert "disappeared" not in reports[0]
