@@ -313,10 +313,10 @@ class Catalog:
         """(blobs named by a manifest or a live lease, {blob: why it is kept} for leased ones, a reason
         to delete nothing when a manifest could not be read). Leases are read before manifests: a
         writer removes its lease only after committing its manifest, so one of the two is seen."""
-        live, _ = leases.read_all(self.store)
+        found, _ = leases.read_all(self.store)
         used: set[str] = set()
         why: dict[str, str] = {}
-        for lease in live:
+        for lease in found:
             if lease.live():
                 used |= lease.blobs
                 why.update((b, f"a save in flight by writer {lease.writer} will use it") for b in lease.blobs)
@@ -333,7 +333,10 @@ class Catalog:
                     if self.store.exists(f.path):
                         return used, why, f"{f.path} could not be read ({exc})"
                     continue  # deleted meanwhile
-                used |= {s["blob"] for s in manifest["storages"].values()}
+                named = {s["blob"] for s in manifest["storages"].values()}
+                used |= named
+                for blob in named & why.keys():  # in a snapshot anyway: not kept for the lease alone
+                    del why[blob]
         return used, why, None
 
     def _blob_files(self, candidates: set[str] | None) -> dict[str, Any]:
@@ -446,7 +449,7 @@ class Catalog:
             elif now - f.mtime < grace:
                 report.kept.append((f.path, f"a write in progress elsewhere? younger than {grace:g} s"))
                 return
-        original = name.split("-", 4)[-1].removeprefix(GONE) if GONE in name else None
+        original = name.split("-", 4)[-1].removeprefix(GONE) if owner and GONE in name else None
         if original is not None and "/" in f.path:
             # A blob moved aside by a deleter that died before deciding: put it back if still used.
             target = f"{f.path.rsplit('/', 1)[0]}/{original}"

@@ -426,3 +426,17 @@ def test_a_temporary_file_removed_under_a_save_is_reported_as_such_not_as_a_vani
     error = save(wait=True).exception()
     assert isinstance(error, StoreError) and "removed by another process" in str(error)
     assert "disappeared" not in reports[0]
+
+
+def test_a_blob_moved_aside_by_a_deleter_that_died_is_put_back_if_a_snapshot_uses_it(tmp_path):
+    root = tmp_path / "store"
+    guard, save = changing_saver(LocalStore(root))
+    save(wait=True).result()
+    blob = next((root / "blobs").glob(f"*/*{BLOB_SUFFIX}"))
+    aside = blob.with_name(f".tmp-{host_id()}-{dead_pid()}-0badc0de-gone-{blob.name}")
+    blob.rename(aside)  # killed between moving it aside and reading the references again
+    assert Catalog(LocalStore(root)).verify() != {}
+    report = Catalog(LocalStore(root)).gc()
+    assert blob.exists() and not aside.exists()
+    assert (blob.relative_to(root).as_posix(), "moved back: a snapshot uses it") in report.kept
+    assert Catalog(LocalStore(root)).verify() == {}
