@@ -522,6 +522,18 @@ class FsspecStore:
             e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(folder) if e.get("type") == "directory"
         )
 
+    def temp_files(self, folder: str) -> list[FileInfo]:
+        """Leftovers of interrupted writes in ``folder`` (for gc)."""
+        out = []
+        for entry in self._ls(folder):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "file" and name.startswith(TEMP_PREFIX):
+                # No known age counts as brand new: a write of another machine is never cut short on a guess.
+                mtime = entry.get("mtime") or entry.get("created") or entry.get("LastModified") or time.time()
+                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+                out.append(FileInfo(posixpath.join(folder, name) if folder else name, int(entry.get("size") or 0), mtime))
+        return out
+
     def read(self, path: str) -> bytes:
         try:
             return self.fs.cat_file(self._abs(path))

@@ -440,3 +440,18 @@ def test_a_blob_moved_aside_by_a_deleter_that_died_is_put_back_if_a_snapshot_use
     assert blob.exists() and not aside.exists()
     assert (blob.relative_to(root).as_posix(), "moved back: a snapshot uses it") in report.kept
     assert Catalog(LocalStore(root)).verify() == {}
+
+
+def test_gc_on_an_fsspec_store_removes_the_leftovers_of_gone_writers_only():
+    from uuid import uuid4
+
+    from nbguard.store import FsspecStore
+
+    store = FsspecStore(f"memory://bounds-{uuid4().hex[:8]}")
+    gone, elsewhere = f".tmp-{host_id()}-{dead_pid()}-0badc0de-blob", ".tmp-ffffffff-1-0badc0de-blob"
+    for name in (gone, elsewhere):
+        store.fs.pipe(f"{store.root}/blobs/ab/{name}", b"half a blob")
+    report = Catalog(store).gc()
+    assert report.temp_files == [f"blobs/ab/{gone}"]
+    assert "younger than" in dict(report.kept)[f"blobs/ab/{elsewhere}"]
+    store.fs.rm(store.root, recursive=True)
