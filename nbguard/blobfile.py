@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -281,8 +281,11 @@ def blob_chunks(header: bytes, buffers: Sequence[memoryview]) -> Iterator[memory
 Item = tuple[str, str, tuple[int, ...], memoryview, "str | None"]  # name, dtype code, shape, bytes, hash if known
 
 
-def write_blob(store, items: Sequence[Item]) -> tuple[str, list[Entry], int]:
+def write_blob(store, items: Sequence[Item],
+               before_publish: Callable[[str], None] | None = None) -> tuple[str, list[Entry], int]:
     """Write one blob of ``items``; returns its name, its entries and the bytes written.
+    ``before_publish(name)`` runs once the name is known, before the blob appears under it (the
+    writer's lease on it must exist before anyone can see it unreferenced).
 
     Stores that can write a file's front last (``write_with_header``) get the data streamed: each
     16 MiB piece is hashed while it is in the CPU cache and handed to the disk, and the header (which
@@ -292,6 +295,8 @@ def write_blob(store, items: Sequence[Item]) -> tuple[str, list[Entry], int]:
     if streamed is None or all(digest is not None for *_, digest in items):
         header, layout = build_header([(n, c, s, v.nbytes, d or hash_bytes(v)) for n, c, s, v, d in items])
         name = blob_name(header)
+        if before_publish is not None:
+            before_publish(name)
         store.write(blob_path(name), blob_chunks(header, [views[e.name] for e in layout]))
         return name, layout, len(header) + sum(v.nbytes for v in views.values())
     placeholder, layout = build_header([(n, c, s, v.nbytes, "0" * 32) for n, c, s, v, _ in items])
@@ -311,6 +316,8 @@ def write_blob(store, items: Sequence[Item]) -> tuple[str, list[Entry], int]:
 
     def finish() -> tuple[str, bytes]:
         final.append(build_header([(n, c, s, v.nbytes, digests[n]) for n, c, s, v, _ in items]))
+        if before_publish is not None:
+            before_publish(blob_name(final[0][0]))
         return blob_path(blob_name(final[0][0])), final[0][0]
 
     streamed(len(placeholder), pieces(), finish)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import leases
 from .blobfile import BLOB_SUFFIX
 from .errors import CorruptSnapshotError, NbguardError, SnapshotError, StoreError, UsageError
 from .manifest import (
+    MAX_MANIFEST_BYTES,
     SnapshotInfo,
     check_run_name,
     info_from,
@@ -27,6 +31,7 @@ from .manifest import (
     parse_manifest,
     pin_path,
 )
+from .owner import host_id, temp_name, temp_owner, writer_gone
 from .retention import Policy, best_of, to_delete
 from .snapshot import Snapshot
 from .store import Store, open_store
@@ -41,7 +46,9 @@ def _listeners_of(url: str) -> list[Listener]:
     with _LISTENERS_LOCK:
         return _LISTENERS.setdefault(url, [])
 GRACE_SECONDS = 3600.0
-RECENT_BLOB_SECONDS = 120.0
+GONE = "gone-"  # temporary names of blobs being deleted: .tmp-<host>-<pid>-<random>-gone-<blob file>
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+MAX_CACHED_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -75,11 +82,12 @@ def _num(x: float | None) -> str:
 
 @dataclass
 class GcReport:
-    """What ``gc`` removed."""
+    """What ``gc`` removed, and what it kept and why."""
 
     blobs: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
     freed: int = 0
+    kept: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Catalog:
@@ -92,7 +100,9 @@ class Catalog:
 
             store = default_dir()
         self.store = open_store(store)
-        self._cache: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._cache: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._cached_bytes = 0
+        self._damaged: dict[str, tuple[int, str]] = {}
         self._lock = threading.RLock()
         # Listeners are shared by every Catalog of the same store in this process, so a panel
         # opened on a folder hears the saves of a Guard that writes there.
@@ -120,19 +130,47 @@ class Catalog:
     def runs(self) -> list[str]:
         return [r for r in self.store.folders("runs") if not r.startswith(".")]
 
-    def manifest(self, run: str, snapshot_id: str) -> dict[str, Any]:
+    def manifest(self, run: str, snapshot_id: str, *, size: int | None = None) -> dict[str, Any]:
+        """The parsed manifest of one snapshot (``size``: its file size from a listing, checked against
+        the limit before anything is read)."""
         path = manifest_path(run, snapshot_id)
         with self._lock:
             cached = self._cache.get(path)
-        if cached is not None:
-            return cached[1]
-        data = self.store.read(path)
-        manifest = parse_manifest(data, where=f"snapshot {snapshot_id}")
-        if manifest["id"] != snapshot_id or manifest["run"] != run:
-            raise CorruptSnapshotError(f"snapshot {snapshot_id}: the manifest names another snapshot")
+            if cached is not None:
+                self._cache.move_to_end(path)
+                return cached[1]
+        if size is None:
+            size = next((f.size for f in self.store.list(f"runs/{run}/snapshots") if f.path == path), None)
+        if size is not None and size > MAX_MANIFEST_BYTES:
+            raise CorruptSnapshotError(f"snapshot {snapshot_id}: the manifest is implausibly large ({size} bytes)")
         with self._lock:
+            known = self._damaged.get(path)
+        if known is not None and known[0] == size:
+            raise CorruptSnapshotError(known[1])  # manifests never change: a damaged one is parsed once
+        data = self.store.read(path)
+        try:
+            manifest = parse_manifest(data, where=f"snapshot {snapshot_id}")
+            if manifest["id"] != snapshot_id or manifest["run"] != run:
+                raise CorruptSnapshotError(f"snapshot {snapshot_id}: the manifest names another snapshot")
+        except CorruptSnapshotError as exc:
+            with self._lock:
+                if len(self._damaged) > 10_000:
+                    self._damaged.clear()
+                self._damaged[path] = (len(data), str(exc))
+            raise
+        with self._lock:
+            # Parsed manifests are kept (they never change), within a bound: a few huge ones must not
+            # hold gigabytes of memory.
             self._cache[path] = (len(data), manifest)
+            self._cached_bytes += len(data)
+            while self._cached_bytes > MAX_CACHED_MANIFEST_BYTES and len(self._cache) > 1:
+                self._forget(next(iter(self._cache)))
         return manifest
+
+    def _forget(self, path: str) -> None:
+        entry = self._cache.pop(path, None)
+        if entry is not None:
+            self._cached_bytes -= entry[0]
 
     def snapshots(self, run: str | None = None) -> list[SnapshotInfo]:
         """Snapshots newest first (of one run, or of every run). Damaged manifests are left out
@@ -147,10 +185,13 @@ class Catalog:
                 if not f.path.endswith(".json") or not is_snapshot_id(snapshot_id):
                     continue
                 try:
-                    manifest = self.manifest(name, snapshot_id)
+                    manifest = self.manifest(name, snapshot_id, size=f.size)
                     info = info_from(manifest, pinned=snapshot_id in pinned, state=self._state(f.path))
                 except NbguardError as exc:
                     self.problems[f.path] = str(exc)
+                    continue
+                except (ValueError, TypeError, OverflowError) as exc:  # one odd file never hides the others
+                    self.problems[f.path] = f"cannot be read: {exc}"
                     continue
                 infos.append(info)
         infos.sort(key=lambda s: (s.created, s.id), reverse=True)
@@ -196,10 +237,14 @@ class Catalog:
         info = self.find(ref, run)
         return Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
 
-    def latest_good(self, run: str | None = None, *, names: Iterable[str] | None = None) -> tuple[Snapshot, list[str]]:
-        """The newest snapshot whose bytes all verify, and a message for each newer one skipped."""
+    def latest_good(self, run: str | None = None, *, names: Iterable[str] | None = None,
+                    lineage: str | None = None) -> tuple[Snapshot, list[str]]:
+        """The newest snapshot whose bytes all verify, and a message for each newer one skipped;
+        with ``lineage``, only snapshots of that lineage (``SnapshotInfo.lineage``) are considered."""
         skipped = []
         for info in self.snapshots(run):
+            if lineage is not None and info.lineage != lineage:
+                continue
             snapshot = Snapshot(self.store, self.manifest(info.run, info.id), pinned=info.pinned, state=info.state)
             try:
                 snapshot._load(snapshot.storage_keys_of(names or snapshot.names) + snapshot._rng_storage_keys(True), None)
@@ -241,9 +286,10 @@ class Catalog:
         self._delete([info])
         return info
 
-    def _delete(self, infos: list[SnapshotInfo]) -> None:
+    def _delete(self, infos: list[SnapshotInfo]) -> GcReport:
+        report = GcReport()
         if not infos:
-            return
+            return report
         candidates: set[str] = set()
         for info in infos:
             try:
@@ -253,64 +299,171 @@ class Catalog:
             self.store.delete(manifest_path(info.run, info.id))
             self.store.delete(pin_path(info.run, info.id))
             with self._lock:
-                self._cache.pop(manifest_path(info.run, info.id), None)
-        still_used = self.referenced_blobs()
-        doomed = candidates - still_used
-        # Another kernel may have just written a blob of the same content and be about to commit its
-        # manifest: blobs written in the last RECENT_BLOB_SECONDS are left to gc.
-        now = time.time()
-        for prefix in {blob[:2] for blob in doomed}:
-            for f in self.store.list(f"blobs/{prefix}"):
-                blob = f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
-                if blob in doomed and now - f.mtime >= RECENT_BLOB_SECONDS:
-                    self.store.delete(f.path)
+                self._forget(manifest_path(info.run, info.id))
+        self.collect(candidates, report)
         for info in infos:
             self.notify("deleted", info)
+        return report
 
     def referenced_blobs(self) -> set[str]:
+        """Blobs named by a readable manifest of any run (damaged manifests name none)."""
+        return self._references()[0]
+
+    def _references(self) -> tuple[set[str], dict[str, str], str | None]:
+        """(blobs named by a manifest or a live lease, {blob: why it is kept} for leased ones, a reason
+        to delete nothing when a manifest could not be read). Leases are read before manifests: a
+        writer removes its lease only after committing its manifest, so one of the two is seen."""
+        found, _ = leases.read_all(self.store)
         used: set[str] = set()
-        for info in self.snapshots():
-            used |= {s["blob"] for s in self.manifest(info.run, info.id)["storages"].values()}
-        return used
+        why: dict[str, str] = {}
+        for lease in found:
+            if lease.live():
+                used |= lease.blobs
+                why.update((b, f"a save in flight by writer {lease.writer} will use it") for b in lease.blobs)
+        for run in self.runs():
+            for f in self.store.list(f"runs/{run}/snapshots"):
+                snapshot_id = f.path.rsplit("/", 1)[-1].removesuffix(".json")
+                if not f.path.endswith(".json") or not is_snapshot_id(snapshot_id):
+                    continue
+                try:
+                    manifest = self.manifest(run, snapshot_id, size=f.size)
+                except CorruptSnapshotError:
+                    continue  # a damaged manifest cannot be restored from; its blobs are not kept for it
+                except NbguardError as exc:
+                    if self.store.exists(f.path):
+                        return used, why, f"{f.path} could not be read ({exc})"
+                    continue  # deleted meanwhile
+                named = {s["blob"] for s in manifest["storages"].values()}
+                used |= named
+                for blob in named & why.keys():  # in a snapshot anyway: not kept for the lease alone
+                    del why[blob]
+        return used, why, None
+
+    def _blob_files(self, candidates: set[str] | None) -> dict[str, Any]:
+        """{blob name: FileInfo} of the blob files in the store (only ``candidates`` when given)."""
+        prefixes = self.store.folders("blobs") if candidates is None else sorted({c[:2] for c in candidates})
+        found = {}
+        for prefix in prefixes:
+            for f in self.store.list(f"blobs/{prefix}"):
+                base = f.path.rsplit("/", 1)[-1]
+                name = base.removesuffix(BLOB_SUFFIX)
+                if base.endswith(BLOB_SUFFIX) and _HEX32.match(name) and name[:2] == prefix \
+                        and (candidates is None or name in candidates):
+                    found[name] = f
+        return found
+
+    def collect(self, candidates: set[str] | None = None, report: GcReport | None = None) -> GcReport:
+        """Delete the blobs (all, or only ``candidates``) that no manifest and no live lease names.
+
+        Where the store can rename, each doomed blob is first moved aside under a temporary name,
+        then the references are read again and a blob some writer claimed meanwhile is moved back:
+        a save of another process racing this one never loses a blob. Other stores delete right
+        after reading the references (see the README for that window)."""
+        report = report or GcReport()
+        files = self._blob_files(candidates)
+        if not files:
+            return report
+        used, why, blocked = self._references()
+        if blocked:
+            report.kept.extend((f.path, f"nothing deleted: {blocked}") for n, f in files.items() if n not in used)
+            return report
+        report.kept.extend((f.path, why[n]) for n, f in files.items() if n in why)
+        doomed = {n: f for n, f in files.items() if n not in used}
+        rename = getattr(self.store, "rename", None)
+        if not callable(rename):
+            for f in doomed.values():
+                self.store.delete(f.path)
+                report.blobs.append(f.path)
+                report.freed += f.size
+            return report
+        aside = {}
+        for name, f in doomed.items():
+            folder, base = f.path.rsplit("/", 1)
+            spare = f"{folder}/{temp_name(GONE + base)}"
+            try:
+                rename(f.path, spare)
+            except StoreError:
+                continue  # removed meanwhile (another gc)
+            aside[name] = (f, spare)
+        if not aside:
+            return report
+        used, why, blocked = self._references()
+        for name, (f, spare) in aside.items():
+            if blocked or name in used:
+                rename(spare, f.path)
+                report.kept.append((f.path, why.get(name, f"nothing deleted: {blocked}" if blocked else
+                                                   "a snapshot committed meanwhile uses it")))
+            else:
+                self.store.delete(spare)
+                report.blobs.append(f.path)
+                report.freed += f.size
+        return report
 
     def apply_retention(self, run: str, policy: Policy, *, protect: Iterable[str] = ()) -> list[SnapshotInfo]:
-        """Delete what ``policy`` lets go in ``run``; the newest snapshot of every other writer active in
-        the last hour is kept too (another kernel may be building on it)."""
+        """Delete what ``policy`` lets go in ``run``, and their blobs no other snapshot or save in
+        flight uses; the newest snapshot of every other writer active in the last hour is kept too
+        (another kernel may be building on it)."""
         check_run_name(run)
         snapshots = self.snapshots(run)
         recent: dict[str, SnapshotInfo] = {}
         for info in snapshots:
-            writer = self.manifest(run, info.id)["writer"]
-            if time.time() - info.created < GRACE_SECONDS and writer not in recent:
-                recent[writer] = info
+            if time.time() - info.created < GRACE_SECONDS and info.writer not in recent:
+                recent[info.writer] = info
         doomed = to_delete(snapshots, policy, protect=[*protect, *(s.id for s in recent.values())])
         self._delete(doomed)
         return doomed
 
     def gc(self, grace: float = GRACE_SECONDS) -> GcReport:
-        """Remove blobs no snapshot uses and leftovers of interrupted writes, older than ``grace`` s."""
+        """Remove blobs that no manifest and no save in flight uses, stale leases, and leftovers of
+        interrupted writes: at once when their writer is provably gone (a dead process on this
+        machine), else when older than ``grace`` seconds. The report says what was kept and why."""
         report = GcReport()
-        used = self.referenced_blobs()
         now = time.time()
-        for prefix in self.store.folders("blobs"):
-            for f in self.store.list(f"blobs/{prefix}"):
-                name = f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
-                if name not in used and now - f.mtime >= grace:
-                    self.store.delete(f.path)
-                    report.blobs.append(f.path)
-                    report.freed += f.size
+        found, problems = leases.read_all(self.store)
+        for lease in found:
+            if not lease.live(now):
+                self.store.delete(lease.path)
+                report.temp_files.append(lease.path)
+        for path, problem in problems.items():
+            report.kept.append((path, f"not a lease nbguard can read ({problem}); remove it by hand"))
+        self.collect(None, report)
         temp_files = getattr(self.store, "temp_files", None)
         if callable(temp_files):
-            folders = ["blobs", *(f"blobs/{p}" for p in self.store.folders("blobs"))]
+            folders = ["blobs", *(f"blobs/{p}" for p in self.store.folders("blobs")), leases.FOLDER]
             for run in self.runs():
                 folders += [f"runs/{run}/snapshots", f"runs/{run}/pins"]
             for folder in folders:
                 for f in temp_files(folder):
-                    if now - f.mtime >= grace:
-                        self.store.delete(f.path)
-                        report.temp_files.append(f.path)
-                        report.freed += f.size
+                    self._sweep_temp(f, now, grace, report)
         return report
+
+    def _sweep_temp(self, f: Any, now: float, grace: float, report: GcReport) -> None:
+        name = f.path.rsplit("/", 1)[-1]
+        owner = temp_owner(name)
+        gone = owner is not None and writer_gone(*owner)
+        if not gone:
+            if owner is not None and owner[0] == host_id():
+                if now - f.mtime < leases.LEASE_SECONDS:
+                    report.kept.append((f.path, f"being written by process {owner[1]} on this machine"))
+                    return
+            elif now - f.mtime < grace:
+                report.kept.append((f.path, f"a write in progress elsewhere? younger than {grace:g} s"))
+                return
+        original = name.split("-", 4)[-1].removeprefix(GONE) if owner and GONE in name else None
+        if original is not None and "/" in f.path:
+            # A blob moved aside by a deleter that died before deciding: put it back if still used.
+            target = f"{f.path.rsplit('/', 1)[0]}/{original}"
+            if original.removesuffix(BLOB_SUFFIX) in self.referenced_blobs() and not self.store.exists(target):
+                getattr(self.store, "rename", lambda a, b: None)(f.path, target)
+                report.kept.append((target, "moved back: a snapshot uses it"))
+                return
+        self.store.delete(f.path)
+        report.temp_files.append(f.path)
+        report.freed += f.size
+
+    def sweep(self) -> GcReport:
+        """What a writer does once when it starts: ``gc`` with the default grace."""
+        return self.gc()
 
     def usage(self) -> int:
         """Bytes used by blobs and manifests in this store."""

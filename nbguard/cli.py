@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .catalog import Catalog
 from .errors import NbguardError, UsageError
-from .humanize import ago, clock
+from .humanize import ago, clock, printable
 from .humanize import size as human_size
 from .store import LocalStore
 
@@ -53,14 +53,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"{human_size(catalog.usage())} on disk")
         rows = []
         for s in snapshots:
-            metrics = " ".join(f"{k}={v:.4g}" for k, v in list(s.metrics.items())[:3])
-            badges = ",".join(b for b in ("pinned" if s.pinned else "", *s.tags) if b)
-            rows.append([s.id, s.run, f"{clock(s.created)} ({ago(s.created)})", s.label, metrics,
+            # Names, tags and positions come from the manifest: printed escaped, never as terminal codes.
+            metrics = " ".join(f"{printable(k)}={v:.4g}" for k, v in list(s.metrics.items())[:3])
+            badges = ",".join(printable(b) for b in ("pinned" if s.pinned else "", *s.tags) if b)
+            rows.append([s.id, s.run, f"{clock(s.created)} ({ago(s.created)})", printable(s.label), metrics,
                          human_size(s.size), badges])
         if rows:
             print(_table(rows, ["ID", "RUN", "SAVED", "POSITION", "METRICS", "SIZE", "FLAGS"]))
         for path, problem in catalog.problems.items():
-            print(f"  damaged: {path}: {problem}")
+            print(f"  damaged: {printable(path)}: {printable(problem)}")
     return 0
 
 
@@ -82,20 +83,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"snapshot {info.id}  (run {info.run}, in {catalog.store.url})")
     print(f"  saved      {clock(info.created)} ({ago(info.created)})")
     if info.label:
-        print(f"  position   {info.label}")
+        print(f"  position   {printable(info.label)}")
     for name, value in info.metrics.items():
-        print(f"  metric     {name} = {value:.6g}")
+        print(f"  metric     {printable(name)} = {value:.6g}")
     if info.note:
-        print(f"  note       {info.note}")
+        print(f"  note       {printable(info.note)}")
+    if info.tags:
+        print(f"  tags       {', '.join(printable(t) for t in info.tags)}")
+    if info.lineage:
+        print(f"  lineage    {printable(info.lineage)} (writer {printable(info.writer)})")
     print(f"  size       {human_size(info.size)} ({human_size(info.written)} newly written)")
     print(f"  pinned     {'yes' if info.pinned else 'no'}   state: {info.state}")
     for name, obj in m["objects"].items():
-        print(f"  holds      {name}: {obj['type'].rsplit('.', 1)[-1]}")
+        print(f"  holds      {printable(name)}: {printable(obj['type'].rsplit('.', 1)[-1])}")
     for name, reason in m["skipped"].items():
-        print(f"  skipped    {name}: {reason}")
-    print("  versions   " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+        print(f"  skipped    {printable(name)}: {printable(reason)}")
+    print("  versions   " + printable(", ".join(f"{k} {v}" for k, v in m["versions"].items())))
     devices = sorted({t["device"] for t in m["tensors"].values()})
-    print(f"  devices    {', '.join(devices) or 'none'}")
+    print(f"  devices    {printable(', '.join(devices)) or 'none'}")
     return 0
 
 
@@ -105,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         count = len(catalog.snapshots(args.run))
         broken = catalog.verify(args.run)
         for what, problem in broken.items():
-            print(f"DAMAGED {catalog.store.url}: {what}: {problem}")
+            print(f"DAMAGED {catalog.store.url}: {printable(what)}: {printable(problem)}")
         damaged += len(broken)
         print(f"{catalog.store.url}: {count} snapshot{'s' if count != 1 else ''} checked, "
               f"{len(broken)} damaged")
@@ -123,7 +128,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for catalog in stores_in(args.dir):
         report = catalog.gc(grace=args.grace)
         print(f"{catalog.store.url}: removed {len(report.blobs)} unused blob(s) and {len(report.temp_files)} "
-              f"leftover temp file(s), {human_size(report.freed)} freed")
+              f"leftover file(s), {human_size(report.freed)} freed; kept {len(report.kept)} unused file(s)")
+        for path, why in report.kept:
+            print(f"  kept {printable(path)}: {printable(why)}")
     return 0
 
 
@@ -131,6 +138,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     return demo_main(args.dir_for_demo)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--grace needs a number of seconds of at least 0, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("gc", help="remove unused blobs and leftovers of interrupted saves")
     with_dir(p)
-    p.add_argument("--grace", type=float, default=3600.0, help="only remove files older than this many seconds")
+    p.add_argument("--grace", type=_seconds, default=3600.0,
+                   help="leftovers of writes whose writer may still run (another machine) are removed only when "
+                        "older than this many seconds; unused blobs and leftovers of finished processes go at once")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help="train, crash, resume: see nbguard at work in under a minute")
     p.add_argument("dir_for_demo", nargs="?", default=None, metavar="DIR",

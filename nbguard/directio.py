@@ -24,6 +24,7 @@ import errno
 import mmap
 import os
 import queue
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -295,11 +296,27 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
             pass
 
 
+def open_regular(path: str) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file: a link is not followed, and a FIFO
+    or device is refused at once instead of blocking (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket?)", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileReader:
     """Positional reads of one file; ``hasher`` sees every byte in order."""
 
     def __init__(self, path: str):
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._file = open(open_regular(path), "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._helper: _Helper | None = None
         self.size = os.fstat(self._file.fileno()).st_size
 

@@ -15,6 +15,7 @@ happen on one background thread, and storage trouble is reported, never raised i
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -28,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .blobfile import Item, hash_bytes, write_blob
+from . import __version__, leases
+from .blobfile import Item, blob_path, hash_bytes, write_blob
 from .capture import capture
 from .catalog import Catalog
 from .codec import encode
-from .errors import NbguardError, StaleCaptureError, UsageError
+from .errors import NbguardError, StaleCaptureError, StoreError, UsageError
 from .manifest import (
     FORMAT,
     VERSION,
@@ -41,6 +42,7 @@ from .manifest import (
     check_run_name,
     encode_manifest,
     info_from,
+    is_metric,
     manifest_path,
     new_id,
 )
@@ -84,7 +86,11 @@ class Guard:
         keep_best: int = 1,
         report: Reporter | None = print_report,
         track_changes: bool = True,
+        lineage: str | None = None,
     ):
+        """``lineage`` names where the state comes from (a kernel, a script), recorded in every
+        snapshot (``SnapshotInfo.lineage``) so a resume can tell its own snapshots from another
+        kernel's in the same run; None: the Jupyter kernel's id when there is one."""
         self.catalog = store if isinstance(store, Catalog) else Catalog(store)
         self.store = self.catalog.store
         self.run = check_run_name(run)
@@ -93,6 +99,9 @@ class Guard:
         self.policy = Policy(keep=keep, best_metric=best[0] if best else None,
                              best_mode=best[1] if best else "min", best_k=keep_best)
         self.writer_id = new_writer_id()
+        self.lineage = default_lineage() if lineage is None else _check_lineage(lineage)
+        self.parent: str | None = None  # the snapshot the live state descends from (restored or saved)
+        self._swept = False
         self._report = report or (lambda message: None)
         self._reported: set[str] = set()
         self._staging = StagingArea(track_changes=track_changes)
@@ -138,6 +147,9 @@ class Guard:
         extra) is not committed again: the handle gives the last snapshot (one snapshot per state).
         """
         metrics = _check_metrics(metrics)
+        tags = _check_tags(tags)
+        if note is not None and not isinstance(note, str):
+            raise UsageError(f"note must be text, not {type(note).__name__}")
         for _ in range(3):  # a retake copies what went stale, so it cannot go stale the same way
             handle = self._save_once(state, metrics, position, note, tags, extra, unless_same)
             if not wait:
@@ -170,8 +182,9 @@ class Guard:
             staged = self._staging.stage(captured.tensors, volatile=captured.volatile)
             manifest = {
                 "format": FORMAT, "version": VERSION, "id": snapshot_id, "run": self.run,
-                "created": time.time(), "writer": self.writer_id, "position": position_tree,
-                "metrics": metrics, "note": note, "tags": sorted(set(tags)),
+                "created": time.time(), "writer": self.writer_id, "lineage": self.lineage,
+                "parent": self.parent, "position": position_tree,
+                "metrics": metrics, "note": note, "tags": tags,
                 "versions": {"nbguard": __version__, "torch": torch.__version__, "numpy": np.__version__,
                              "python": platform.python_version()},
                 "objects": captured.objects, "rng": captured.rng, "skipped": captured.skipped,
@@ -193,11 +206,12 @@ class Guard:
 
     def _write(self, manifest: dict[str, Any], staged: StagedSnapshot, stats: SaveStats, started: float,
                unless_same: bool = False) -> SnapshotInfo:
+        published: list[str] = []
         try:
             stale = self._staging.verify_reused(staged.groups)
             if stale:
                 raise StaleCaptureError(_stale_message(stale))
-            entries, written = self._write_blob(staged)
+            entries, written = self._write_blob(staged, published)
             manifest["storages"] = {
                 g.key: {"blob": entries[g.key].blob, "entry": entries[g.key].entry,
                         "nbytes": entries[g.key].nbytes, "hash": entries[g.key].hash}
@@ -209,11 +223,13 @@ class Guard:
                 # Nothing is committed: entries that only a skipped manifest would reference must not be
                 # reused by a later save (the blob they sit in may be collected as unused).
                 self._staging.forget(staged.groups)
+                self._clean_up_failed(published)  # releases the lease; collects blobs only it named
                 return self.last_saved
             path = manifest_path(self.run, manifest["id"])
             self.store.write(path, [encode_manifest(manifest)])
         except BaseException as exc:
             self._staging.forget(staged.groups)
+            self._clean_up_failed(published)
             if isinstance(exc, StaleCaptureError):
                 self._say_once(f"stale:{exc}", str(exc))
                 self.retake_due = True
@@ -225,8 +241,10 @@ class Guard:
                 self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
                                                "save tries again.")
             raise
+        self._release()
         self._staging.commit(staged.groups, entries)
         self.retake_due = False
+        self.parent = manifest["id"]
         if any(key.startswith("store:") for key in self._reported):
             self._reported = {key for key in self._reported if not key.startswith("store:")}
             self._report("saving works again")
@@ -244,11 +262,33 @@ class Guard:
             return
         try:
             self.catalog.apply_retention(self.run, self.policy)
+            if not self._swept:  # once per writer: what crashed writers left behind
+                self._swept = True
+                self.catalog.sweep()
         except NbguardError as exc:
             self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
         self.catalog.notify("saved", info)
 
-    def _write_blob(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], int]:
+    def _hold(self, blobs: set[str]) -> None:
+        """Claim the blobs the coming manifest names, before any of them can be seen unreferenced."""
+        leases.hold(self.store, self.writer_id, blobs)
+
+    def _release(self) -> None:
+        try:
+            leases.release(self.store, self.writer_id)
+        except NbguardError:
+            pass  # a lease left behind only keeps this save's blobs until the next save or this process ends
+
+    def _clean_up_failed(self, published: list[str]) -> None:
+        """A failed save leaves no blob behind that nothing uses (a full disk must be able to recover)."""
+        self._release()
+        if published:
+            try:
+                self.catalog.collect(set(published))
+            except NbguardError:
+                pass
+
+    def _write_blob(self, staged: StagedSnapshot, published: list[str]) -> tuple[dict[str, StoredEntry], int]:
         entries: dict[str, StoredEntry] = {}
         new: list[Item] = []
         for group in staged.groups:
@@ -265,9 +305,25 @@ class Guard:
                     entries[group.key] = previous
                     continue
             new.append((group.key, *group.entry_layout(), view, digest))
+        reused = {e.blob for e in entries.values()}
+
+        def claim(name: str) -> None:
+            self._hold(reused | {name})
+            published.append(name)
+
+        if new:
+            name, layout, written = write_blob(self.store, new, before_publish=claim)
+        else:
+            self._hold(reused)
+            name, layout, written = "", [], 0
+        # A blob of an earlier snapshot that another process deleted before the lease existed cannot be
+        # referenced: this save fails and the next one writes those bytes anew.
+        gone = sorted(b for b in reused if not self.store.exists(blob_path(b)))
+        if gone:
+            raise StoreError(f"blob {gone[0]} of an earlier snapshot was deleted while saving (another process "
+                             "cleaning up?); the next save writes its bytes again")
         if not new:
             return entries, 0
-        name, layout, written = write_blob(self.store, new)
         for entry in layout:
             entries[entry.name] = StoredEntry(name, entry.name, entry.code, entry.shape, entry.nbytes, entry.hash)
         return entries, written
@@ -330,6 +386,7 @@ class Guard:
         else:
             snapshot, skipped = self.catalog.get(ref, self.run), []
         report = snapshot.restore(state, namespace=namespace, rng=rng)
+        self.parent = snapshot.id
         report.notes.extend(skipped)
         return report
 
@@ -359,18 +416,51 @@ def _damage_key(text: str) -> str:
 
 
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """Metrics as stored: every one must read back (any finite number; nan and inf are dropped)."""
     out = {}
     for name, value in (metrics or {}).items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, np.generic):
             value = value.item()
-        if not isinstance(name, str) or type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
-            if isinstance(name, str) and type(value) is float:
-                continue  # nan/inf metrics are dropped rather than breaking the save
-            raise UsageError(f"metric {name!r} must be a number, not {type(value).__name__}")
+        if not isinstance(name, str):
+            raise UsageError(f"metric names must be text, not {type(name).__name__} ({name!r})")
+        if type(value) is float and not math.isfinite(value):
+            continue  # nan/inf metrics are dropped rather than breaking the save
+        if not is_metric(name, value):
+            what = "a number too large to store" if type(value) is int else type(value).__name__
+            raise UsageError(f"metric {name!r} must be a number, not {what}")
         out[name] = value
     return out
+
+
+def _check_tags(tags: Iterable[str]) -> list[str]:
+    if isinstance(tags, str):
+        tags = [tags]
+    tags = list(tags)
+    bad = [t for t in tags if not isinstance(t, str)]
+    if bad:
+        raise UsageError(f"tags must be text, not {type(bad[0]).__name__} ({bad[0]!r})")
+    return sorted(set(tags))
+
+
+def _check_lineage(lineage: str) -> str:
+    if not isinstance(lineage, str) or not lineage or len(lineage) > 200:
+        raise UsageError(f"lineage must be a short non-empty text, not {lineage!r}")
+    return lineage
+
+
+def default_lineage() -> str | None:
+    """The Jupyter kernel's id (it survives a kernel restart), or None outside a kernel."""
+    if "ipykernel" not in sys.modules:  # not in a kernel (and never import one: scripts stay light)
+        return None
+    try:
+        from ipykernel import get_connection_file
+
+        name = os.path.basename(get_connection_file())
+    except Exception:  # not in a kernel
+        return None
+    return name.removeprefix("kernel-").removesuffix(".json")[:200] or None
 
 
 def _no_tensors(path: str, tensor: torch.Tensor) -> str:

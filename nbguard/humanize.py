@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from datetime import datetime
 
 
@@ -43,8 +44,24 @@ def ago(timestamp: float, now: float | None = None) -> str:
 
 
 def clock(timestamp: float) -> str:
-    """Local date and time, to the second."""
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    """Local date and time, to the second ('invalid time' for what no calendar holds)."""
+    try:
+        return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return "invalid time"
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on one terminal line: control, format and other invisible characters
+    (ESC sequences, newlines, bidi overrides) shown as escapes instead of acting."""
+    out = []
+    for char in str(text):
+        if unicodedata.category(char)[0] in "CZ" and char != " ":
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def position_label(position: object) -> str:

@@ -13,11 +13,13 @@ def no_duplicate_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str,
     two readers could then disagree on the value)."""
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise CorruptSnapshotError(f"duplicate key {key!r} in {where}")
-            out[key] = value
+        out = dict(pairs)
+        if len(out) != len(pairs):  # rare: find the culprit only then
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise CorruptSnapshotError(f"duplicate key {key!r} in {where}")
+                seen.add(key)
         return out
 
     return hook

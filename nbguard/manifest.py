@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,13 @@ VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 200
 
-_ID = re.compile(r"^\d{8}T\d{6}-\d{3}-[0-9a-f]{4}$")
-_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+MAX_ENTRIES = 100_000  # tensors, storages, objects: beyond any model (a 10k-tensor model with Adam has 40k)
+# Every JSON object needs a literal '{': counting them bounds the parsing work before any parsing.
+MAX_JSON_OBJECTS = 8 * MAX_ENTRIES
+LATEST_TIME = 253402300799.0  # 9999-12-31: later creation times are damage, not dates
+_ID = re.compile(r"^\d{8}T\d{6}-\d{3}-[0-9a-f]{4}\Z")
+_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
 OBJECT_KINDS = ("stateful", "generator", "value")
 
 
@@ -38,6 +43,11 @@ def new_id(now: float | None = None) -> str:
     now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     return f"{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}"
+
+
+def is_metric(name: object, value: object) -> bool:
+    """Whether a metric can be stored and read back: a text name and a finite number."""
+    return isinstance(name, str) and type(value) in (int, float) and abs(value) <= sys.float_info.max
 
 
 def check_run_name(run: str) -> str:
@@ -105,15 +115,20 @@ def parse_manifest(data: bytes, *, where: str = "manifest") -> dict[str, Any]:
     """Parse and validate a manifest; CorruptSnapshotError/SnapshotError say what is wrong."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise CorruptSnapshotError(f"{where} is implausibly large ({len(data)} bytes)")
+    if bytes(data).count(b"{") > MAX_JSON_OBJECTS:
+        raise CorruptSnapshotError(f"{where} holds implausibly many entries (more than {MAX_JSON_OBJECTS} objects)")
     try:
         manifest = json.loads(data, object_pairs_hook=no_duplicate_keys("manifest"), parse_constant=_reject_constant)
     except RecursionError as exc:
         raise CorruptSnapshotError(f"{where} is nested too deeply") from exc
     except ValueError as exc:
         raise CorruptSnapshotError(f"{where} is not valid JSON (truncated or damaged): {exc}") from exc
-    _depth_checked(manifest)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptSnapshotError(f"{where} is not an nbguard snapshot manifest")
+    for name in ("tensors", "storages", "objects"):  # before any work proportional to the entries
+        if isinstance(manifest.get(name), dict) and len(manifest[name]) > MAX_ENTRIES:
+            raise CorruptSnapshotError(f"{where}: {name} has more than {MAX_ENTRIES} entries")
+    _depth_checked(manifest)
     version = manifest.get("version")
     if type(version) is not int:
         raise CorruptSnapshotError(f"{where} has no valid format version")
@@ -142,11 +157,16 @@ def _expect(condition: bool, where: str, what: str) -> None:
 def _validate(m: dict[str, Any], where: str) -> None:
     _expect(isinstance(m.get("id"), str) and is_snapshot_id(m["id"]), where, "invalid snapshot id")
     _expect(isinstance(m.get("run"), str) and bool(_RUN.match(m["run"])), where, "invalid run name")
-    _expect(type(m.get("created")) in (int, float) and abs(m["created"]) < 1e15, where, "invalid creation time")
-    _expect(isinstance(m.get("writer"), str), where, "invalid writer id")
+    _expect(type(m.get("created")) in (int, float) and 0 <= m["created"] <= LATEST_TIME, where, "invalid creation time")
+    _expect(isinstance(m.get("writer"), str) and len(m["writer"]) <= 200, where, "invalid writer id")
+    _expect(m.get("lineage") is None or (isinstance(m["lineage"], str) and len(m["lineage"]) <= 200), where,
+            "invalid lineage")
+    _expect(m.get("parent") is None or (isinstance(m["parent"], str) and is_snapshot_id(m["parent"])), where,
+            "invalid parent snapshot id")
     metrics = m.get("metrics")
-    _expect(isinstance(metrics, dict) and all(
-        isinstance(k, str) and type(v) in (int, float) and abs(v) < 1e300 for k, v in metrics.items()), where, "metrics must map names to numbers")
+    _expect(isinstance(metrics, dict) and all(is_metric(k, v) for k, v in metrics.items()), where,
+            "metrics must map names to numbers")
+
     _expect(m.get("note") is None or isinstance(m["note"], str), where, "note must be text")
     _expect(isinstance(m.get("tags"), list) and all(isinstance(t, str) for t in m["tags"]), where, "tags must be a list of text")
     for name in ("size", "written"):
@@ -196,6 +216,9 @@ class SnapshotInfo:
     pinned: bool = False
     state: str = "local"  # durability: local, uploading, verified, ...
     path: str = ""
+    writer: str = ""  # the Guard (process) that saved it
+    lineage: str | None = None  # the kernel or script it came from, when known (see Guard's ``lineage``)
+    parent: str | None = None  # the snapshot its state descends from: restored from or saved before
 
     @property
     def label(self) -> str:
@@ -225,6 +248,9 @@ def info_from(manifest: dict[str, Any], *, pinned: bool = False, state: str = "l
         pinned=pinned,
         state=state,
         path=manifest_path(manifest["run"], manifest["id"]),
+        writer=manifest["writer"],
+        lineage=manifest.get("lineage"),
+        parent=manifest.get("parent"),
     )
 
 

@@ -22,20 +22,19 @@ import mmap
 import os
 import posixpath
 import re
+import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from . import directio
 from .errors import StoreError, UsageError
+from .owner import TEMP_PREFIX, temp_name
 
 Buffer = bytes | bytearray | memoryview
 Progress = Callable[[int], None]
-
-TEMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -128,11 +127,37 @@ class LocalStore:
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
-    def _abs(self, path: str) -> str:
-        return os.path.join(self.root, *check_relative(path).split("/"))
+    def _abs(self, path: str, *, leaf: str = "") -> str:
+        """The full path of a store path whose folders inside the store are real folders, never links,
+        so nothing is read, written or deleted outside the store. ``leaf`` 'file' or 'folder': the
+        path itself, if it exists, must be a regular file or a real folder too."""
+        parts = check_relative(path).split("/")
+        full = self.root
+        for i, part in enumerate(parts):
+            full = os.path.join(full, part)
+            last = i == len(parts) - 1
+            if last and not leaf:
+                break
+            try:
+                mode = os.lstat(full).st_mode
+            except FileNotFoundError:
+                return os.path.join(self.root, *parts)
+            except OSError:
+                break  # reported by the operation itself, with what to do
+            where = "/".join(parts[: i + 1])
+            if stat.S_ISLNK(mode):
+                raise StoreError(f"refusing to go through the symbolic link {where} inside the store {self.root}: "
+                                 "nbguard never reads, writes or deletes through links; replace it with a real "
+                                 "folder or file")
+            if (not last or leaf == "folder") and not stat.S_ISDIR(mode):
+                raise StoreError(f"{where} inside the store {self.root} should be a folder: move it away")
+            if last and leaf == "file" and not stat.S_ISREG(mode):
+                raise StoreError(f"{where} inside the store {self.root} is not a regular file (a FIFO, device or "
+                                 "socket?): nbguard refuses to touch it; remove it")
+        return full
 
     def _folder(self, folder: str) -> str:
-        return self.root if folder == "" else self._abs(folder)
+        return self.root if folder == "" else self._abs(folder, leaf="folder")
 
     def list(self, folder: str) -> list[FileInfo]:
         base = self._folder(folder)
@@ -164,9 +189,13 @@ class LocalStore:
             return []
         out = []
         for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            try:  # a concurrent save may rename or remove it at any moment
+                if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                    continue
                 st = entry.stat(follow_symlinks=False)
-                out.append(FileInfo(posixpath.join(folder, entry.name) if folder else entry.name, st.st_size, st.st_mtime))
+            except OSError:
+                continue
+            out.append(FileInfo(posixpath.join(folder, entry.name) if folder else entry.name, st.st_size, st.st_mtime))
         return out
 
     def folders(self, folder: str) -> list[str]:
@@ -179,11 +208,9 @@ class LocalStore:
             raise StoreError(describe_os_error(exc, base)) from exc
 
     def read(self, path: str) -> bytes:
-        full = self._abs(path)
-        if os.path.islink(full):
-            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        full = self._abs(path, leaf="file")
         try:
-            with open(full, "rb") as f:
+            with open(directio.open_regular(full), "rb") as f:
                 return f.read()
         except FileNotFoundError as exc:
             raise StoreError(f"{path} is missing from {self.root}") from exc
@@ -191,11 +218,9 @@ class LocalStore:
             raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
 
     def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
-        full = self._abs(path)
-        if os.path.islink(full):
-            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        full = self._abs(path, leaf="file")
         try:
-            with open(full, "rb") as f:
+            with open(directio.open_regular(full), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     return b""
@@ -210,7 +235,7 @@ class LocalStore:
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         full = self._abs(path)
         folder = os.path.dirname(full)
-        tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(full)}")
+        tmp = os.path.join(folder, temp_name(os.path.basename(full)))
         event = self.on_event
         with self._removed_on_failure(tmp):
             os.makedirs(folder, exist_ok=True)
@@ -242,7 +267,7 @@ class LocalStore:
         durable and moved into place as atomically as ``write``. Returns the path. The data goes
         around the page cache where the file system allows (see ``directio``)."""
         folder = self._folder("blobs")
-        name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        name = temp_name("blob")
         tmp, label = os.path.join(folder, name), f"blobs/{name}"
         event = self.on_event
         with self._removed_on_failure(tmp):
@@ -300,7 +325,13 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)  # (never re-created otherwise: a vanished mount stays vanished)
         if self.on_event is not None:
             self.on_event("rename", path)
-        os.replace(tmp, full)
+        try:
+            os.replace(tmp, full)
+        except FileNotFoundError as exc:
+            if os.path.isdir(folder) and not os.path.exists(tmp):
+                raise StoreError(f"saving to {self.root} failed: the file being written was removed by another "
+                                 "process (`nbguard gc --grace 0` while saving?); the next save tries again") from exc
+            raise
         if self.on_event is not None:
             self.on_event("fsync-dir", path)
         _fsync_dir(folder)
@@ -309,9 +340,7 @@ class LocalStore:
 
     def open_reader(self, path: str) -> directio.FileReader:
         """Positional, verified-as-you-go reads of one file (for restoring without a memory map)."""
-        full = self._abs(path)
-        if os.path.islink(full):
-            raise StoreError(f"refusing to follow a symbolic link in the store: {path}")
+        full = self._abs(path, leaf="file")
         try:
             return directio.FileReader(full)
         except FileNotFoundError as exc:
@@ -321,7 +350,7 @@ class LocalStore:
 
     def delete(self, path: str) -> None:
         try:
-            full = self._abs(path)
+            full = self._abs(path)  # a link itself may be removed: that never reaches what it points to
             if self.on_event is not None:
                 self.on_event("delete", path)
             os.remove(full)
@@ -331,7 +360,22 @@ class LocalStore:
             raise StoreError(f"deleting {path} from {self.root} failed: {exc.strerror}") from exc
 
     def exists(self, path: str) -> bool:
-        return os.path.isfile(self._abs(path))
+        try:
+            return stat.S_ISREG(os.lstat(self._abs(path)).st_mode)
+        except OSError:
+            return False
+
+    def rename(self, path: str, new_path: str) -> None:
+        """Move a file within the store atomically (replacing ``new_path``); StoreError if it is missing."""
+        full, target = self._abs(path, leaf="file"), self._abs(new_path)
+        try:
+            if self.on_event is not None:
+                self.on_event("rename", path)
+            os.replace(full, target)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{path} is missing from {self.root}") from exc
+        except OSError as exc:
+            raise StoreError(f"renaming {path} in {self.root} failed: {exc.strerror}") from exc
 
 
 def _fsync_dir(folder: str) -> None:
@@ -411,6 +455,14 @@ class MemoryStore:
         with self._lock:
             return path in self._files
 
+    def rename(self, path: str, new_path: str) -> None:
+        """Move a file atomically (replacing ``new_path``); StoreError if it is missing."""
+        check_relative(path), check_relative(new_path)
+        with self._lock:
+            if path not in self._files:
+                raise StoreError(f"{path} is missing from {self.url}")
+            self._files[new_path] = self._files.pop(path)
+
     def corrupt(self, path: str, data: bytes) -> None:
         """Replace a file's bytes behind nbguard's back (for tests of damaged snapshots)."""
         with self._lock:
@@ -470,6 +522,18 @@ class FsspecStore:
             e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(folder) if e.get("type") == "directory"
         )
 
+    def temp_files(self, folder: str) -> list[FileInfo]:
+        """Leftovers of interrupted writes in ``folder`` (for gc)."""
+        out = []
+        for entry in self._ls(folder):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "file" and name.startswith(TEMP_PREFIX):
+                # No known age counts as brand new: a write of another machine is never cut short on a guess.
+                mtime = entry.get("mtime") or entry.get("created") or entry.get("LastModified") or time.time()
+                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+                out.append(FileInfo(posixpath.join(folder, name) if folder else name, int(entry.get("size") or 0), mtime))
+        return out
+
     def read(self, path: str) -> bytes:
         try:
             return self.fs.cat_file(self._abs(path))
@@ -484,7 +548,7 @@ class FsspecStore:
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         final = self._abs(path)
         folder, name = final.rsplit("/", 1)
-        tmp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        tmp = f"{folder}/{temp_name(name)}"
         try:
             self.fs.makedirs(folder, exist_ok=True)
             with self.fs.open(tmp, "wb") as f:

@@ -97,10 +97,3 @@ def fixed_rng():
 def reports() -> list[str]:
     """A list that collects the messages a Guard reports (pass ``report=reports.append``)."""
     return []
-
-
-@pytest.fixture
-def prompt_blob_deletion(monkeypatch):
-    """Retention leaves blobs younger than RECENT_BLOB_SECONDS to gc (another kernel may be about to
-    commit a manifest using them); tests that count blobs right after retention turn that off."""
-    monkeypatch.setattr("nbguard.catalog.RECENT_BLOB_SECONDS", 0.0)

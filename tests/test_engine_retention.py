@@ -1,10 +1,12 @@
 """Retention keeps the newest, the best and the pinned snapshots, and exactly the blobs they use;
-gc sweeps orphans and leftovers older than its grace period; the catalog finds, pins, deletes."""
+gc sweeps every unused blob and the leftovers of gone writers; the catalog finds, pins, deletes."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,16 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError
+from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError, leases
 from nbguard.blobfile import BLOB_SUFFIX
 from nbguard.manifest import encode_manifest, manifest_path, new_id
+from nbguard.owner import host_id
 
 RUN = "ret"
 
 pytestmark = pytest.mark.usefixtures("fixed_rng")
 
 
-pytestmark = pytest.mark.usefixtures("prompt_blob_deletion")
 
 def blobs_on_disk(store) -> set[str]:
     return {f.path.rsplit("/", 1)[-1].removesuffix(BLOB_SUFFIX)
@@ -204,7 +206,14 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (t, t))
 
 
-def test_gc_removes_old_orphans_and_leftovers_and_keeps_young_ones(tmp_path):
+def dead_pid() -> int:
+    """The id of a process that has just ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_gc_removes_every_unused_blob_and_the_leftovers_of_gone_writers(tmp_path):
     store_dir = tmp_path / "store"
     guard, save = saver(LocalStore(store_dir), keep=3)
     save()
@@ -220,24 +229,32 @@ def test_gc_removes_old_orphans_and_leftovers_and_keeps_young_ones(tmp_path):
         age(path, seconds_old)
         return path
 
+    here, gone, alive = host_id(), dead_pid(), os.getpid()
     old_orphan = plant(f"blobs/ab/{'ab' * 16}{BLOB_SUFFIX}", 7200, 300)
-    young_orphan = plant(f"blobs/cd/{'cd' * 16}{BLOB_SUFFIX}", 60)
-    old_temp = plant(f"blobs/ab/.tmp-0123456789ab-{'ab' * 16}{BLOB_SUFFIX}", 7200, 50)
+    young_orphan = plant(f"blobs/cd/{'cd' * 16}{BLOB_SUFFIX}", 1, 200)
+    old_temp = plant(f"blobs/ab/.tmp-0123456789ab-{'ab' * 16}{BLOB_SUFFIX}", 7200, 50)  # an older nbguard's
     young_temp = plant(f"blobs/cd/.tmp-0123456789ab-{'cd' * 16}{BLOB_SUFFIX}", 60)
+    dead_temp = plant(f"blobs/cd/.tmp-{here}-{gone}-0badc0de-blob", 1, 40)  # its writer has exited
+    live_temp = plant(f"blobs/cd/.tmp-{here}-{alive}-0badc0de-blob", 7200)  # being written right now
+    remote_temp = plant(f"blobs/cd/.tmp-ffffffff-{alive}-0badc0de-blob", 60)  # another machine's
     old_manifest_temp = plant(f"runs/{RUN}/snapshots/.tmp-0123456789ab-x.json", 7200, 7)
 
     report = Catalog(store_dir).gc()
-    assert sorted(report.blobs) == [f"blobs/ab/{'ab' * 16}{BLOB_SUFFIX}"]
-    assert sorted(report.temp_files) == sorted([old_temp.relative_to(store_dir).as_posix(),
-                                                old_manifest_temp.relative_to(store_dir).as_posix()])
-    assert report.freed == 300 + 50 + 7
-    assert not old_orphan.exists() and not old_temp.exists() and not old_manifest_temp.exists()
-    assert young_orphan.exists() and young_temp.exists()
+    assert sorted(report.blobs) == sorted([f"blobs/ab/{'ab' * 16}{BLOB_SUFFIX}", f"blobs/cd/{'cd' * 16}{BLOB_SUFFIX}"])
+    assert sorted(report.temp_files) == sorted(p.relative_to(store_dir).as_posix()
+                                               for p in (old_temp, dead_temp, old_manifest_temp))
+    assert report.freed == 300 + 200 + 50 + 40 + 7
+    assert not old_orphan.exists() and not young_orphan.exists() and not dead_temp.exists()
+    kept = dict(report.kept)
+    assert "being written by process" in kept[live_temp.relative_to(store_dir).as_posix()]
+    assert "younger than" in kept[young_temp.relative_to(store_dir).as_posix()]
+    assert "younger than" in kept[remote_temp.relative_to(store_dir).as_posix()]
     assert blobs_of(guard.catalog) == referenced
     assert Catalog(store_dir).verify() == {}
 
+    # --grace 0 removes what may be another machine's, never a write of a live process here.
     report = Catalog(store_dir).gc(grace=0)
-    assert not young_orphan.exists() and not young_temp.exists()
+    assert not young_temp.exists() and not remote_temp.exists() and live_temp.exists()
     assert blobs_on_disk(LocalStore(store_dir)) == referenced
     fresh = Frozen()
     guard.restore({"model": fresh}, info.id)
@@ -247,10 +264,16 @@ def test_gc_on_every_store(any_store):
     guard, save = saver(any_store, keep=5)
     save()
     orphan = f"blobs/ef/{'ef' * 16}{BLOB_SUFFIX}"
+    claimed = f"blobs/12/{'12' * 16}{BLOB_SUFFIX}"
     any_store.write(orphan, [b"orphan"])
-    assert Catalog(any_store).gc().blobs == []  # young: a save may be about to commit it
-    assert Catalog(any_store).gc(grace=0).blobs == [orphan]
-    assert not any_store.exists(orphan)
+    any_store.write(claimed, [b"claimed"])
+    leases.hold(any_store, "7-other", {"12" * 16})  # another writer's save in flight will use it
+    report = Catalog(any_store).gc()
+    assert report.blobs == [orphan]  # unused, however young: no save claims it
+    assert dict(report.kept)[claimed] == "a save in flight by writer 7-other will use it"
+    assert not any_store.exists(orphan) and any_store.exists(claimed)
+    leases.release(any_store, "7-other")
+    assert Catalog(any_store).gc().blobs == [claimed]
     assert Catalog(any_store).verify() == {}
 
 

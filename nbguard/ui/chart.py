@@ -81,7 +81,9 @@ def chart_svg(infos: Sequence[SnapshotInfo], *, selected: str | None = None, bes
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    # Sentinels such as -sys.float_info.max are stored, not drawn: they would flatten every other point
+    # (and overflow the axis arithmetic).
+    return isinstance(value, (int, float)) and abs(value) < 1e300
 
 
 def _panel(name: str, points: list[tuple[SnapshotInfo, float]], x0: float, w: float, h: float,
