@@ -354,9 +354,10 @@ class FileReader:
         nbytes = len(view)
         spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
         if nbytes < SMALL:
-            for begin, end in spans:
-                self._exact(view[begin:end], offset + begin)
-                hasher.update(view[begin:end])
+            self._exact(view, offset)
+            hasher.update(view)
+            if progress:
+                progress(nbytes)
             return
         if self._helper is None:
             self._helper = _Helper("nbguard-read")

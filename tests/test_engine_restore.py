@@ -1,0 +1,317 @@
+"""Restore is all or nothing, refuses silent conversions, never replaces what a notebook needs,
+and fills the live tensors in place (issue 14 items 3-4, issue 17 item 2).
+
+Every failure shape uses real objects (a real GradScaler, scheduler, module hooks) and real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nbguard
+from nbguard import Guard, RestoreError
+from nbguard.errors import CorruptSnapshotError
+from nbguard.manifest import checksum_of
+from tests.test_engine_hostile import (
+    RUN,
+    Live,
+    edit_manifest,
+    flip_byte_in_entry,
+    make_snapshots,
+    manifest_file,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("fixed_rng")
+
+
+def global_rng() -> tuple:
+    return random.getstate(), repr(np.random.get_state()), torch.get_rng_state()
+
+
+def assert_same_rng(before: tuple) -> None:
+    after = global_rng()
+    assert after[0] == before[0] and after[1] == before[1] and torch.equal(after[2], before[2]), \
+        "a random generator was changed"
+
+
+def latest_manifest(store_dir: Path) -> tuple[str, dict]:
+    snapshot = nbguard.load(store_dir, "latest", run=RUN)
+    return snapshot.id, json.loads(manifest_file(store_dir, snapshot.id).read_bytes())
+
+
+# -- all or nothing (14.3) ---------------------------------------------------------------------------
+def test_a_gradscaler_saved_disabled_refuses_an_enabled_one_and_nothing_changes(tmp_path):
+    """AMP switched on between save and restore: the scaler's load_state_dict raises after the model,
+    optimizer, scheduler, generator, values and RNG would have been applied."""
+    store_dir = tmp_path / "store"
+    guard, _ = make_snapshots(store_dir)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    guard.save({"model": model, "opt": opt, "sched": torch.optim.lr_scheduler.StepLR(opt, 3),
+                "gen": torch.Generator().manual_seed(1), "history": [9], "weights": torch.ones(4),
+                "scaler": torch.amp.GradScaler("cpu", enabled=False)}, wait=True).result()
+    live = Live()
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    rng_before = global_rng()
+    with pytest.raises(RestoreError) as raised:
+        Guard(store_dir, run=RUN, report=None).restore(live.objects() | {"scaler": scaler}, namespace=live.namespace)
+    message = str(raised.value)
+    assert message.startswith("scaler refused the snapshot's state") and "disabled instance of GradScaler" in message
+    assert "Nothing was restored" in message
+    live.assert_untouched()
+    assert scaler.state_dict()["scale"] == 1024.0
+    assert_same_rng(rng_before)
+
+
+def test_a_malformed_scheduler_state_is_refused_and_nothing_changes(tmp_path):
+    """The scheduler's tree decodes (a list instead of a dict) but its load_state_dict raises."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    snapshot_id, _ = latest_manifest(store_dir)
+    edit_manifest(store_dir, snapshot_id, lambda m: m["objects"]["sched"].update(tree=[1, 2, 3]))
+    live = Live()
+    rng_before = global_rng()
+    with pytest.raises(RestoreError) as raised:
+        Guard(store_dir, run=RUN, report=None).restore(live.objects(), namespace=live.namespace)
+    assert str(raised.value).startswith("sched refused the snapshot's state")
+    live.assert_untouched()
+    assert_same_rng(rng_before)
+
+
+class HalfLoader:
+    """A user object whose load_state_dict changes half of itself, then raises."""
+
+    def __init__(self, a: int, b: int):
+        self.a, self.b = a, b
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a = state["a"]
+        if state["b"] > 10:
+            raise ValueError("b is too large for this object")
+        self.b = state["b"]
+
+
+def test_an_object_that_fails_halfway_through_its_own_load_is_put_back_too(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"first": HalfLoader(1, 2), "second": HalfLoader(5, 50)}, wait=True).result()
+    first, second = HalfLoader(7, 7), HalfLoader(8, 8)
+    with pytest.raises(RestoreError, match=r"^second refused .*ValueError: b is too large"):
+        guard.restore({"first": first, "second": second})
+    assert (first.a, first.b, second.a, second.b) == (7, 7, 8, 8)
+
+
+def test_a_model_whose_load_hook_raises_gets_its_weights_back(tmp_path):
+    """A post-load hook runs after load_state_dict copied the values in: the copy is undone."""
+    torch.manual_seed(0)
+    saved = nn.Linear(4, 3)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved, "history": [1]}, wait=True).result()
+    live = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+
+    def refuse(module, keys):
+        raise RuntimeError("checksum of the weights does not match the deployment")
+
+    live.register_load_state_dict_post_hook(refuse)
+    namespace: dict[str, Any] = {"history": ["live"]}
+    with pytest.raises(RestoreError, match="^model refused .*checksum of the weights"):
+        guard.restore({"model": live}, namespace=namespace)
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+    assert namespace == {"history": ["live"]}
+
+
+def test_a_file_changed_after_checking_is_reported_and_the_rest_put_back(tmp_path):
+    """The one step that cannot be undone: bytes that passed their check change before they are
+    read into the live tensors. The error says so and names the object; the rest is put back."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    _, manifest = latest_manifest(store_dir)
+    # what goes straight into Live()'s memory: the model's tensors (its optimizer has no state yet)
+    in_place = sum(manifest["storages"][manifest["tensors"][k]["storage"]]["nbytes"]
+                   for k in manifest["tensors"] if k.startswith("model/"))
+    live = Live()
+    sched_before = live.sched.state_dict()
+    flipped = []
+
+    def progress(done: int, total: int) -> None:
+        if not flipped and done == total - in_place:  # every byte checked, nothing applied yet
+            flip_byte_in_entry(store_dir, manifest, "model/0.weight")
+            flipped.append(True)
+
+    snapshot = nbguard.load(store_dir, "latest", run=RUN)
+    with pytest.raises(CorruptSnapshotError, match="model is partly restored, everything else is as it was"):
+        snapshot.restore(live.objects(), namespace=live.namespace, progress=progress)
+    assert flipped
+    assert live.sched.state_dict() == sched_before
+    assert live.namespace["history"] == ["live"]
+    assert torch.equal(live.gen.get_state(), live._record[3])
+
+
+# -- odd values (14.4) -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("saved, live", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+                                         (torch.complex64, torch.float32)], ids=str)
+def test_a_dtype_change_is_refused_before_anything_changes(tmp_path, saved, live):
+    torch.manual_seed(0)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": nn.Linear(4, 3, dtype=saved)}, wait=True).result()
+    model = nn.Linear(4, 3, dtype=live)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RestoreError) as raised:
+        guard.restore({"model": model})
+    assert f"model.weight is {saved} in the snapshot but {live} in your model" in str(raised.value)
+    assert "state_dict(name)" in str(raised.value)  # the way to convert on purpose
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_dtype_change_of_optimizer_state_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"opt": opt}, wait=True).result()
+    half = nn.Linear(4, 3).half()
+    with pytest.raises(RestoreError, match=r"saved exp_avg of parameter 0 is torch.float32 in the snapshot but torch.float16"):
+        guard.restore({"opt": torch.optim.Adam(half.parameters())})
+
+
+def test_the_shape_is_checked_before_a_byte_of_a_large_entry_is_read(tmp_path):
+    """A [3,4] weight pointing at a 64 MiB entry is refused from the manifest and the blob header."""
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": nn.Linear(4, 3), "big": torch.zeros(16 * 2**20)}, wait=True).result()
+    snapshot_id = nbguard.load(tmp_path / "ckpt", run=RUN).id
+    path = tmp_path / "ckpt" / "runs" / RUN / "snapshots" / f"{snapshot_id}.json"
+    manifest = json.loads(path.read_bytes())
+    manifest["tensors"]["model/weight"]["storage"] = manifest["tensors"]["big"]["storage"]
+    manifest["checksum"] = checksum_of(manifest)
+    path.write_text(json.dumps(manifest))
+    live = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="not the tensor the manifest lays on it"):
+        nbguard.load(tmp_path / "ckpt", run=RUN).restore({"model": live}, only=["model"])
+    assert _rchar() - read_before < 4 * 2**20, "the entry's bytes were read before its layout was checked"
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+
+
+def test_an_entry_larger_than_its_tensors_is_refused_before_reading(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"big": torch.zeros(16 * 2**20, dtype=torch.uint8).view(4, -1)[:, :8]}, wait=True).result()
+    snapshot = nbguard.load(tmp_path / "ckpt", run=RUN)
+    snapshot.manifest["tensors"]["big"]["shape"] = [1, 8]  # now reaches 8 of the entry's bytes
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="its tensors cover bytes 0-8"):
+        snapshot.restore({}, namespace={})
+    assert _rchar() - read_before < 4 * 2**20
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_restoring_into_a_namespace_never_replaces_builtins_modules_or_dunder_names(tmp_path):
+    """A shared snapshot holding values called __builtins__, torch and __name__: the notebook keeps
+    its own, and the report says what was left alone."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    snapshot_id, _ = latest_manifest(store_dir)
+
+    def rename(manifest):
+        objects = manifest["objects"]
+        objects["__builtins__"] = objects.pop("history")
+        objects["torch"] = objects.pop("weights")
+        objects["__name__"] = dict(objects["__builtins__"])
+        objects["np"] = objects.pop("sched")  # an object whose name is a module here
+
+    edit_manifest(store_dir, snapshot_id, rename)
+    live = Live()
+    namespace = {"__builtins__": __builtins__, "__name__": "__main__", "torch": torch, "np": np,
+                 "model": live.model, "opt": live.opt, "gen": live.gen}
+    report = nbguard.load(store_dir, "latest", run=RUN).restore(namespace=namespace)
+    assert namespace["__builtins__"] is __builtins__ and namespace["torch"] is torch and namespace["np"] is np
+    assert namespace["__name__"] == "__main__"
+    assert sorted(report.skipped) == ["__builtins__ (a Python internal name)", "__name__ (a Python internal name)",
+                                      "np (a module)", "torch (a module)"]
+    assert any("left as they are in your session" in note and "torch (a module)" in note for note in report.notes)
+    assert "torch (a module)" in report.describe()
+    assert {name for name, _ in report.restored} == {"model", "opt", "gen"}
+    assert isinstance(namespace["torch"], types.ModuleType)
+
+
+# -- in place (17.2) -------------------------------------------------------------------------------------
+def test_models_and_optimizers_are_restored_into_their_own_memory(tmp_path):
+    torch.manual_seed(0)
+
+    def make():
+        model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        model[2].weight = nn.Parameter(torch.randn(2, 8))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = make()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": model, "opt": opt}, wait=True).result()
+    live_model, live_opt = make()
+    live_model(torch.randn(4, 8)).sum().backward()
+    live_opt.step()
+
+    def memory(m, o):
+        return [t.data_ptr() for t in m.state_dict().values()] + \
+            [v.data_ptr() for s in o.state.values() for k, v in s.items() if k != "step"]
+
+    before = memory(live_model, live_opt)
+    guard.restore({"model": live_model, "opt": live_opt})
+    assert memory(live_model, live_opt) == before
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), live_model.state_dict().values(),
+                                                 strict=True))
+    assert repr(opt.state_dict()) == repr(live_opt.state_dict())
+
+
+def test_a_restore_does_not_need_a_second_copy_of_the_state(tmp_path):
+    """Peak memory of a restore into a live 192 MiB model + Adam stays far below the state's size
+    (the previous restore read into fresh memory, then copied: +1x the state)."""
+    script = textwrap.dedent(f"""
+        import sys, torch, nbguard
+        sys.path.insert(0, {str(REPO)!r})
+        from benchmarks.floors import PeakRss, evict_tree
+        from benchmarks.run import build_state
+        model, opt = build_state(0.1875, seed=0)
+        nbguard.Guard({str(tmp_path / 'ckpt')!r}, run="mem", report=None).save(
+            {{"model": model, "opt": opt}}, wait=True).result()
+        del model, opt
+        model, opt = build_state(0.1875, seed=1)
+        evict_tree({str(tmp_path / 'ckpt')!r})
+        with PeakRss() as mem:
+            nbguard.load({str(tmp_path / 'ckpt')!r}).restore({{"model": model, "opt": opt}})
+        print("PEAK", mem.increase)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.split("PEAK")[1])
+    assert peak < 80 * 2**20, f"a restore of 192 MiB took {peak / 2**20:.0f} MiB more memory"
