@@ -315,3 +315,26 @@ def test_a_restore_does_not_need_a_second_copy_of_the_state(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     peak = int(out.stdout.split("PEAK")[1])
     assert peak < 80 * 2**20, f"a restore of 192 MiB took {peak / 2**20:.0f} MiB more memory"
+
+
+class Strided(nn.Module):
+    """A parameter whose memory is not in row-major order (read into fresh memory, then swapped in:
+    the path GPU tensors take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8).t())
+
+
+def test_tensors_swapped_in_are_swapped_back_when_a_later_object_refuses(tmp_path):
+    torch.manual_seed(0)
+    saved = Strided()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved, "other": HalfLoader(1, 50)}, wait=True).result()
+    live = Strided()
+    before = live.weight.detach().clone()
+    with pytest.raises(RestoreError, match="^other refused"):
+        guard.restore({"model": live, "other": HalfLoader(0, 0)})
+    assert torch.equal(live.weight, before)
+    guard.load("latest").restore({"model": live}, only=["model"])
+    assert torch.equal(live.weight, saved.weight) and live.weight.stride() == (1, 8)
