@@ -9,9 +9,10 @@ snapshot's size. ``O_DIRECT`` moves the bytes by DMA between the disk and user m
 Writes go through two page-aligned bounce buffers: the caller hashes a piece of the snapshot while
 it is in the CPU cache and copies it into one buffer while a helper thread writes the other, so the
 disk never waits for the hashing. Reads go through the page cache (the kernel's read-ahead beat
-direct reads by 10-25 % in our measurements) straight into the memory that will hold the restored
-tensor, piece by piece on a read-ahead thread while the previous piece is hashed, and each piece's
-cache pages are dropped once copied.
+direct reads by 10-25 % in our measurements) straight into the memory that holds the restored tensor
+(a live tensor's own, or fresh), piece by piece on a read-ahead thread while the previous piece is
+hashed, and each piece's cache pages are dropped once copied. A hash-only pass (``hash_range``)
+leaves the pages in the cache for the read that follows it.
 
 Where a file system refuses ``O_DIRECT`` (tmpfs on older kernels, FUSE mounts, macOS, Windows) the
 same calls use ordinary I/O. ``NBGUARD_DIRECT_IO=0`` turns direct I/O off.

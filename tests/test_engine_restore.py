@@ -338,3 +338,23 @@ def test_tensors_swapped_in_are_swapped_back_when_a_later_object_refuses(tmp_pat
     assert torch.equal(live.weight, before)
     guard.load("latest").restore({"model": live}, only=["model"])
     assert torch.equal(live.weight, saved.weight) and live.weight.stride() == (1, 8)
+
+
+def test_load_weights_checks_hashes_and_sizes_before_reading(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": model}, wait=True).result()
+    out = guard.catalog.export("latest", "model", tmp_path / "model.safetensors", run=RUN)
+    assert torch.equal(nbguard.load_weights(out)["weight"], model.weight.detach())
+    data = bytearray(Path(out).read_bytes())
+    data[-5] ^= 0x10  # a flipped bit in the last tensor's bytes
+    Path(out).write_bytes(bytes(data))
+    with pytest.raises(CorruptSnapshotError, match="is damaged"):
+        nbguard.load_weights(out)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((2**40).to_bytes(8, "little") + b"{}" + bytes(8 * 2**20))
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="absurd size"):
+        nbguard.load_weights(huge)
+    assert _rchar() - read_before < 2**20
