@@ -172,7 +172,9 @@ def _check_module(item: _Item, state: Any) -> None:
             detail.append(f"not in your model: {', '.join(map(str, unexpected[:5]))}")
         raise RestoreError(f"{name} does not match the snapshot ({'; '.join(detail)}): build the model the same "
                            "way as when the snapshot was taken")
-    custom = _custom_loading(module)
+    # bytes may land in a tensor state_dict() hands out only if it is the module's own memory
+    own = {} if _custom_loading(module) else {
+        (t.data_ptr(), t.dtype, t.shape): t for t in (*module.parameters(), *module.buffers()) if t is not None}
     for key, tensor in live.items():
         saved = state[key]
         if not isinstance(tensor, torch.Tensor):
@@ -185,19 +187,22 @@ def _check_module(item: _Item, state: Any) -> None:
         if tensor.dtype != saved.dtype:
             raise _dtype_refusal(f"{name}.{key}", saved.dtype, tensor.dtype, "your model")
         item.pairs[saved.key] = tensor
-        if not custom:
+        if (tensor.data_ptr(), tensor.dtype, tensor.shape) in own:
             item.in_place.add(saved.key)
 
 
 def _custom_loading(module: torch.nn.Module) -> bool:
-    """Whether loading runs code that may read the incoming values (hooks, an overridden
-    ``_load_from_state_dict`` outside torch): then values are copied in by ``load_state_dict``."""
+    """Whether saving or loading runs code of the model's own (hooks, an overridden ``state_dict``
+    or ``_load_from_state_dict`` outside torch), which may hand out copies or read the incoming
+    values: then values are copied in by ``load_state_dict``, as torch does."""
     for sub in module.modules():
-        if sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks:
+        if sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks or sub._state_dict_hooks \
+                or getattr(sub, "_state_dict_pre_hooks", None):
             return True
-        loader = type(sub)._load_from_state_dict
-        if loader is not torch.nn.Module._load_from_state_dict and not loader.__module__.startswith("torch."):
-            return True
+        for method in ("_load_from_state_dict", "state_dict", "_save_to_state_dict", "load_state_dict"):
+            code = getattr(type(sub), method)
+            if code is not getattr(torch.nn.Module, method) and not code.__module__.startswith("torch."):
+                return True
     return False
 
 
@@ -220,12 +225,11 @@ def _check_optimizer(item: _Item, state: Any, saved_type: str) -> None:
         raise CorruptSnapshotError(f"the saved state of {name} has no per-parameter state")
     live_params = dict(zip([i for g in groups for i in g["params"]],
                            [p for g in optimizer.param_groups for p in g["params"]], strict=True))
-    live_state = optimizer.state_dict()["state"]
     for pid, entry in saved_state.items():
         param = live_params.get(pid) if isinstance(pid, int) else None
         if param is None or not isinstance(entry, dict):
             raise CorruptSnapshotError(f"the saved state of {name} refers to an unknown parameter {pid!r}")
-        current = live_state.get(pid, {})
+        current = optimizer.state.get(param, {})  # the optimizer's own tensors, whatever state_dict() hands out
         for key, value in entry.items():
             if not isinstance(value, Placeholder):
                 continue

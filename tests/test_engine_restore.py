@@ -358,3 +358,27 @@ def test_load_weights_checks_hashes_and_sizes_before_reading(tmp_path):
     with pytest.raises(CorruptSnapshotError, match="absurd size"):
         nbguard.load_weights(huge)
     assert _rchar() - read_before < 2**20
+
+
+class CopyingStateDict(nn.Linear):
+    """A model whose state_dict() hands out copies, not its own memory."""
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v.clone() for k, v in super().state_dict(*args, **kwargs).items()}
+
+
+def test_a_model_whose_state_dict_hands_out_copies_is_still_restored(tmp_path):
+    torch.manual_seed(0)
+    saved_plain, saved_copying = nn.Linear(4, 3), CopyingStateDict(4, 3)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"plain": saved_plain, "copying": saved_copying}, wait=True).result()
+    plain, copying = nn.Linear(4, 3), CopyingStateDict(4, 3)
+
+    def clone_all(module, state, prefix, local_metadata):
+        for key in list(state):
+            state[key] = state[key].clone()
+
+    plain.register_state_dict_post_hook(clone_all)
+    guard.restore({"plain": plain, "copying": copying})
+    assert torch.equal(plain.weight, saved_plain.weight) and torch.equal(plain.bias, saved_plain.bias)
+    assert torch.equal(copying.weight, saved_copying.weight) and torch.equal(copying.bias, saved_copying.bias)
