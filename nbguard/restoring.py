@@ -27,24 +27,12 @@ from typing import Any
 import torch
 
 from . import rng as rng_streams
-from .capture import kind_of, type_name
 from .directio import PIECE
 from .errors import CorruptSnapshotError, NbguardError, RestoreError, UsageError
-from .snapshot import Placeholder, ProgressFn, RestoreReport, Snapshot
+from .fit import Item, check_fits, describe
+from .snapshot import ProgressFn, RestoreReport, Snapshot
 
 Undo = Callable[[], None]
-
-
-@dataclass
-class _Item:
-    """One object (or value) to restore, and how its stored tensors meet live ones."""
-
-    name: str
-    kind: str  # "value", "generator" or "stateful"
-    live: Any
-    tree: Any
-    pairs: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor key -> the live tensor it fills
-    in_place: set[str] = field(default_factory=set)  # keys whose bytes may land in the live tensor itself
 
 
 @dataclass
@@ -73,7 +61,7 @@ def restore(snapshot: Snapshot, objects: Mapping[str, Any], *, namespace: Mutabl
         for item in items:
             shape = snapshot._decode(item.tree)
             if item.kind != "value":
-                _check_fits(item, snapshot.tree(item.name)["type"], shape)
+                check_fits(item, snapshot.tree(item.name)["type"], shape)
         if rng_tree is not None:
             snapshot._decode(rng_tree)
         placement = _place(snapshot, items)
@@ -93,7 +81,7 @@ def restore(snapshot: Snapshot, objects: Mapping[str, Any], *, namespace: Mutabl
 
 # -- what goes where ---------------------------------------------------------------------------------
 def _plan(snapshot: Snapshot, names: list[str], objects: Mapping[str, Any],
-          namespace: MutableMapping[str, Any] | None, report: RestoreReport) -> list[_Item]:
+          namespace: MutableMapping[str, Any] | None, report: RestoreReport) -> list[Item]:
     items, skipped = [], []
     for name in names:
         entry = snapshot.tree(name)
@@ -104,13 +92,13 @@ def _plan(snapshot: Snapshot, names: list[str], objects: Mapping[str, Any],
             skipped.append(f"{name} ({reason})")
             continue
         if kind == "value":
-            items.append(_Item(name, kind, None, entry["tree"]))
+            items.append(Item(name, kind, None, entry["tree"]))
             continue
         live = objects.get(name) if not from_namespace else namespace.get(name) if namespace is not None else None
         if live is None:
             report.missing.append(name)
             continue
-        items.append(_Item(name, "generator" if kind == "generator" else "stateful", live, entry["tree"]))
+        items.append(Item(name, "generator" if kind == "generator" else "stateful", live, entry["tree"]))
     if skipped:
         report.skipped.extend(skipped)
         report.notes.append("left as they are in your session (a snapshot never replaces these): " + ", ".join(skipped))
@@ -127,129 +115,7 @@ def _protected(name: str, namespace: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _check_fits(item: _Item, saved_type: str, state: Any) -> None:
-    name, live = item.name, item.live
-    if item.kind == "generator":
-        if not isinstance(live, torch.Generator):
-            raise RestoreError(f"{name} is a {_describe(live)} in your session but a torch.Generator in the snapshot")
-        if not isinstance(state.get("state") if isinstance(state, dict) else None, Placeholder):
-            raise CorruptSnapshotError(f"the saved state of {name} is not a generator state")
-        return
-    if kind_of(live) != "stateful":
-        raise RestoreError(f"{name} in your session is a {_describe(live)} without load_state_dict(); "
-                           f"the snapshot holds a {saved_type.rsplit('.', 1)[-1]}")
-    if isinstance(live, torch.nn.Module):
-        _check_module(item, state)
-    elif isinstance(live, torch.optim.Optimizer):
-        _check_optimizer(item, state, saved_type)
-    elif type_name(live) != saved_type and type(live).__name__ != saved_type.rsplit(".", 1)[-1]:
-        raise RestoreError(f"{name} is a {_describe(live)} in your session but a {saved_type.rsplit('.', 1)[-1]} in the "
-                           "snapshot: create the same kind of object, then restore")
-
-
-def _describe(live: Any) -> str:
-    return type(live).__name__
-
-
-def _dtype_refusal(what: str, saved: torch.dtype, live: torch.dtype, where: str) -> RestoreError:
-    return RestoreError(f"{what} is {saved} in the snapshot but {live} in {where}; nbguard does not convert values "
-                        f"silently: make it {saved} first (e.g. model.to({saved})), or load the values yourself with "
-                        "snapshot.state_dict(name) and load_state_dict, which converts")
-
-
-def _check_module(item: _Item, state: Any) -> None:
-    name, module = item.name, item.live
-    if not isinstance(state, dict):
-        raise CorruptSnapshotError(f"the saved state of {name} is not a state_dict")
-    live = module.state_dict()
-    missing = [k for k in live if k not in state]
-    unexpected = [k for k in state if k not in live]
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing in the snapshot: {', '.join(map(str, missing[:5]))}")
-        if unexpected:
-            detail.append(f"not in your model: {', '.join(map(str, unexpected[:5]))}")
-        raise RestoreError(f"{name} does not match the snapshot ({'; '.join(detail)}): build the model the same "
-                           "way as when the snapshot was taken")
-    # bytes may land in a tensor state_dict() hands out only if it is the module's own memory
-    own = {} if _custom_loading(module) else {
-        (t.data_ptr(), t.dtype, t.shape): t for t in (*module.parameters(), *module.buffers()) if t is not None}
-    for key, tensor in live.items():
-        saved = state[key]
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        if not isinstance(saved, Placeholder):
-            raise CorruptSnapshotError(f"the saved {name}.{key} is not a tensor")
-        if tensor.shape != saved.shape:
-            raise RestoreError(f"{name}.{key} has shape {list(saved.shape)} in the snapshot but {list(tensor.shape)} in "
-                               "your model: build the model with the same sizes as when the snapshot was taken")
-        if tensor.dtype != saved.dtype:
-            raise _dtype_refusal(f"{name}.{key}", saved.dtype, tensor.dtype, "your model")
-        item.pairs[saved.key] = tensor
-        if (tensor.data_ptr(), tensor.dtype, tensor.shape) in own:
-            item.in_place.add(saved.key)
-
-
-def _custom_loading(module: torch.nn.Module) -> bool:
-    """Whether saving or loading runs code of the model's own (hooks, an overridden ``state_dict``
-    or ``_load_from_state_dict`` outside torch), which may hand out copies or read the incoming
-    values: then values are copied in by ``load_state_dict``, as torch does."""
-    for sub in module.modules():
-        if sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks or sub._state_dict_hooks \
-                or getattr(sub, "_state_dict_pre_hooks", None):
-            return True
-        for method in ("_load_from_state_dict", "state_dict", "_save_to_state_dict", "load_state_dict"):
-            code = getattr(type(sub), method)
-            if code is not getattr(torch.nn.Module, method) and not code.__module__.startswith("torch."):
-                return True
-    return False
-
-
-def _check_optimizer(item: _Item, state: Any, saved_type: str) -> None:
-    name, optimizer = item.name, item.live
-    if type_name(optimizer) != saved_type:
-        raise RestoreError(f"{name} is a {_describe(optimizer)} in your session but a {saved_type.rsplit('.', 1)[-1]} in "
-                           "the snapshot: create the same optimizer, then restore")
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list):
-        raise CorruptSnapshotError(f"the saved state of {name} has no param_groups")
-    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
-    saved_sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else -1
-                   for g in groups]
-    if live_sizes != saved_sizes:
-        raise RestoreError(f"{name} has parameter groups of sizes {live_sizes} in your session but {saved_sizes} in the "
-                           "snapshot: create it over the same model parameters")
-    saved_state = state.get("state")
-    if not isinstance(saved_state, dict):
-        raise CorruptSnapshotError(f"the saved state of {name} has no per-parameter state")
-    live_params = dict(zip([i for g in groups for i in g["params"]],
-                           [p for g in optimizer.param_groups for p in g["params"]], strict=True))
-    for pid, entry in saved_state.items():
-        param = live_params.get(pid) if isinstance(pid, int) else None
-        if param is None or not isinstance(entry, dict):
-            raise CorruptSnapshotError(f"the saved state of {name} refers to an unknown parameter {pid!r}")
-        current = optimizer.state.get(param, {})  # the optimizer's own tensors, whatever state_dict() hands out
-        for key, value in entry.items():
-            if not isinstance(value, Placeholder):
-                continue
-            if value.dim() > 0 and value.shape != param.shape:
-                raise RestoreError(f"{name}: the saved {key} of parameter {pid} has shape {list(value.shape)} but the "
-                                   f"parameter has {list(param.shape)}: create it over the same model parameters")
-            target = current.get(key)
-            expected = target.dtype if isinstance(target, torch.Tensor) else \
-                param.dtype if key != "step" and param.is_floating_point() and value.dim() > 0 else None
-            if expected is not None and value.dtype != expected:
-                raise _dtype_refusal(f"{name}: the saved {key} of parameter {pid}", value.dtype, expected,
-                                     "your session")
-            if isinstance(target, torch.Tensor) and target.shape == value.shape:
-                item.pairs[value.key] = target
-                # load_state_dict keeps such a tensor as it is (no cast, no copy): it may be filled in place
-                if key != "step" and target.dtype == param.dtype and target.device == param.device:
-                    item.in_place.add(value.key)
-
-
-def _place(snapshot: Snapshot, items: list[_Item]) -> _Placement:
+def _place(snapshot: Snapshot, items: list[Item]) -> _Placement:
     """Which storages go straight into live memory (``direct``: contiguous CPU tensors), which are
     read into fresh memory and swapped in (``swap``: GPU or strided tensors), and the rest."""
     where: dict[str, tuple[torch.Tensor, str]] = {}
@@ -307,7 +173,7 @@ def _progress(total: int, progress: ProgressFn | None) -> Callable[[int], None] 
     return advance
 
 
-def _check_bytes(snapshot: Snapshot, items: list[_Item], placement: _Placement, rng_tree: Any,
+def _check_bytes(snapshot: Snapshot, items: list[Item], placement: _Placement, rng_tree: Any,
                  progress: ProgressFn | None) -> Callable[[int], None] | None:
     """Every byte checked before anything changes: in-place storages hashed (kept in the page
     cache only), the others read into fresh memory."""
@@ -336,7 +202,7 @@ def _check_generator(name: str, live: torch.Generator, state: Any) -> None:
 
 
 # -- applying, with an undo record ---------------------------------------------------------------------
-def _apply_all(snapshot: Snapshot, items: list[_Item], states: list[Any], placement: _Placement,
+def _apply_all(snapshot: Snapshot, items: list[Item], states: list[Any], placement: _Placement,
                rng_state: Any, namespace: MutableMapping[str, Any] | None, report: RestoreReport,
                advance: Callable[[int], None] | None) -> None:
     undo: list[Undo] = []
@@ -385,7 +251,7 @@ def _undo(undo: list[Undo]) -> str:
     return f" (but putting some state back failed: {'; '.join(problems)})" if problems else ""
 
 
-def _apply(item: _Item, state: Any, placement: _Placement, snapshot: Snapshot,
+def _apply(item: Item, state: Any, placement: _Placement, snapshot: Snapshot,
            namespace: MutableMapping[str, Any] | None, report: RestoreReport, undo: list[Undo]) -> None:
     name, live = item.name, item.live
     if item.kind == "value":
@@ -418,7 +284,7 @@ def _apply(item: _Item, state: Any, placement: _Placement, snapshot: Snapshot,
             undo.append(lambda target=target, fresh=fresh: _swap(target, fresh))
             _swap(target, fresh)  # the fresh memory now holds the displaced bytes
     live.load_state_dict(state)
-    report.restored.append((name, _describe(live)))
+    report.restored.append((name, describe(live)))
 
 
 def _state_before(live: Any) -> Any:
