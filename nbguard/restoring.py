@@ -125,7 +125,8 @@ def _place(snapshot: Snapshot, items: list[Item]) -> _Placement:
     users: dict[str, list[str]] = {}
     for key, spec in snapshot.manifest["tensors"].items():
         users.setdefault(spec["storage"], []).append(key)
-    placement, taken = _Placement(), set()
+    candidates: list[tuple[str, list[str], torch.Tensor, str]] = []
+    regions: dict[tuple, int] = {}
     for storage in dict.fromkeys(snapshot.manifest["tensors"][k]["storage"] for k in where):
         keys = users[storage]
         if not all(k in where for k in keys):
@@ -134,10 +135,14 @@ def _place(snapshot: Snapshot, items: list[Item]) -> _Placement:
         specs = [snapshot.manifest["tensors"][k] for k in keys]
         same = all(_same_region(where[k][0], first) and s["byte_offset"] == specs[0]["byte_offset"]
                    and s["stride"] == specs[0]["stride"] for k, s in zip(keys, specs, strict=True))
-        region = (first.device, first.data_ptr())
-        if not same or not first.numel() or region in taken:
-            continue
-        taken.add(region)
+        if same and first.numel():
+            candidates.append((storage, keys, first, owner))
+            region = (first.device, first.data_ptr())
+            regions[region] = regions.get(region, 0) + 1
+    placement = _Placement()
+    for storage, keys, first, owner in candidates:
+        if regions[(first.device, first.data_ptr())] > 1:
+            continue  # one live tensor filled from two stored ones: load_state_dict decides, as in torch
         nbytes = snapshot.manifest["storages"][storage]["nbytes"]
         plain = first.is_contiguous() and snapshot.placeholder(keys[0]).is_contiguous() and \
             first.numel() * first.element_size() == nbytes

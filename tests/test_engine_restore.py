@@ -382,3 +382,20 @@ def test_a_model_whose_state_dict_hands_out_copies_is_still_restored(tmp_path):
     guard.restore({"plain": plain, "copying": copying})
     assert torch.equal(plain.weight, saved_plain.weight) and torch.equal(plain.bias, saved_plain.bias)
     assert torch.equal(copying.weight, saved_copying.weight) and torch.equal(copying.bias, saved_copying.bias)
+
+
+def test_weights_tied_in_the_session_but_not_in_the_snapshot_restore_as_torch_would(tmp_path):
+    def make(tied: bool) -> nn.Sequential:
+        model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+        if tied:
+            model[1].weight = model[0].weight
+        return model
+
+    torch.manual_seed(0)
+    saved = make(tied=False)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved}, wait=True).result()
+    expected, live = make(tied=True), make(tied=True)
+    expected.load_state_dict(saved.state_dict())
+    guard.restore({"model": live})
+    assert torch.equal(live[0].weight, expected[0].weight) and live[1].weight is live[0].weight
