@@ -88,7 +88,7 @@ class Placeholder:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def is_contiguous(self) -> bool:
         expected, stride = 1, []
@@ -105,7 +105,8 @@ class Snapshot:
         self.store = store
         self.manifest = manifest
         self.info = info_from(manifest, pinned=pinned, state=state)
-        self._blobs: dict[str, tuple[Any, BlobHeader]] = {}
+        self._blobs: dict[str, tuple[Any, BlobHeader]] = {}  # open readers
+        self._headers: dict[str, BlobHeader] = {}  # parsed headers, kept when the readers close
         self._storages: dict[str, torch.Tensor] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._verified: set[str] = set()  # storage keys whose bytes matched their hash (not kept)
@@ -137,7 +138,10 @@ class Snapshot:
         if name not in self._blobs:
             reader = open_reader(self.store, blob_path(name))
             try:
-                self._blobs[name] = (reader, read_header(reader, expected_name=name))
+                known = self._headers.get(name)
+                if known is None or reader.pread(0, len(known.header_bytes)) != known.header_bytes:
+                    known = self._headers[name] = read_header(reader, expected_name=name)
+                self._blobs[name] = (reader, known)
             except BaseException:
                 reader.close()
                 raise
@@ -186,7 +190,7 @@ class Snapshot:
             raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} has an absurd shape {shape}")
         if not math.prod(shape):
             return 0
-        itemsize = torch.empty((), dtype=dtype_from_name(spec["dtype"])).element_size()
+        itemsize = dtype_from_name(spec["dtype"]).itemsize
         return (sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1) * itemsize
 
     def storage(self, key: str, progress: Callable[[int], None] | None = None) -> torch.Tensor:
