@@ -235,6 +235,8 @@ def _apply_all(snapshot: Snapshot, items: list[Item], states: list[Any], placeme
             snapshot.read_into(storage, target, advance)
     except BaseException as exc:
         failed = _undo(undo)
+        if not isinstance(exc, Exception):
+            raise
         message = (f"{exc} (while reading the snapshot into the memory of {', '.join(sorted(done))}, after every check "
                    f"had passed: the file changed or the disk failed). {', '.join(sorted(done))} "
                    f"{'is' if len(done) == 1 else 'are'} partly restored, everything else is as it was{failed}: "
@@ -278,7 +280,8 @@ def _apply(item: Item, state: Any, placement: _Placement, snapshot: Snapshot,
         report.restored.append((name, "torch.Generator"))
         return
     before = _state_before(live)
-    undo.append(lambda: live.load_state_dict(before))
+    if not isinstance(live, torch.nn.Module) or any(not isinstance(v, torch.Tensor) for v in before.values()):
+        undo.append(lambda: live.load_state_dict(before))  # (a model's tensors are put back below)
     if isinstance(live, torch.nn.Module):
         # tensors load_state_dict will copy into (not placed): keep their bytes
         kept = [(t, t.clone()) for k, t in item.pairs.items() if k not in placement.sources]

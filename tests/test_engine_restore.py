@@ -135,8 +135,9 @@ def test_a_model_whose_load_hook_raises_gets_its_weights_back(tmp_path):
 
     live.register_load_state_dict_post_hook(refuse)
     namespace: dict[str, Any] = {"history": ["live"]}
-    with pytest.raises(RestoreError, match="^model refused .*checksum of the weights"):
+    with pytest.raises(RestoreError, match="^model refused .*checksum of the weights") as raised:
         guard.restore({"model": live}, namespace=namespace)
+    assert "putting some state back failed" not in str(raised.value)
     assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
     assert namespace == {"history": ["live"]}
 
@@ -399,3 +400,26 @@ def test_weights_tied_in_the_session_but_not_in_the_snapshot_restore_as_torch_wo
     expected.load_state_dict(saved.state_dict())
     guard.restore({"model": live})
     assert torch.equal(live[0].weight, expected[0].weight) and live[1].weight is live[0].weight
+
+
+class WithExtraState(nn.Linear):
+    def __init__(self, tag: str):
+        super().__init__(2, 2)
+        self.tag = tag
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.tag = state["tag"]
+
+
+def test_a_models_extra_state_is_put_back_too(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": WithExtraState("saved"), "other": HalfLoader(1, 50)}, wait=True).result()
+    live = WithExtraState("live")
+    with pytest.raises(RestoreError, match="^other refused"):
+        guard.restore({"model": live, "other": HalfLoader(0, 0)})
+    assert live.tag == "live"
+    guard.load("latest").restore({"model": live}, only=["model"])
+    assert live.tag == "saved"
