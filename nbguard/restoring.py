@@ -12,7 +12,7 @@
    is the one step that cannot be undone; it fails only if a checked file changes under us or the
    disk fails, and then says which objects are partly restored.
 
-Peak memory: the live state plus one 16 MiB piece per reader, plus the fresh memory of what cannot
+Peak memory: the live state plus two 16 MiB buffers, plus the fresh memory of what cannot
 go in place (GPU tensors, optimizer state before its first step, schedulers, values).
 """
 
