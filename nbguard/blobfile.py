@@ -163,19 +163,25 @@ class BufferReader:
     def read_entry(self, offset: int, nbytes: int, hasher, progress=None) -> torch.Tensor:
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            raw, dest = self._range(offset, nbytes), byte_view(out)
-            for start in range(0, nbytes, HASH_CHUNK):
-                piece = raw[start:start + HASH_CHUNK]
-                dest[start:start + len(piece)] = piece
-                hasher.update(piece)
-                if progress:
-                    progress(len(piece))
+            self.read_into(byte_view(out), offset, hasher, progress)
         return out
 
-    def hash_range(self, offset: int, nbytes: int, hasher) -> None:
+    def read_into(self, view: memoryview, offset: int, hasher, progress=None) -> None:
+        nbytes = len(view)
+        raw = self._range(offset, nbytes)
+        for start in range(0, nbytes, HASH_CHUNK):
+            piece = raw[start:start + HASH_CHUNK]
+            view[start:start + len(piece)] = piece
+            hasher.update(piece)
+            if progress:
+                progress(len(piece))
+
+    def hash_range(self, offset: int, nbytes: int, hasher, progress=None) -> None:
         raw = self._range(offset, nbytes)
         for start in range(0, nbytes, HASH_CHUNK):
             hasher.update(raw[start:start + HASH_CHUNK])
+            if progress:
+                progress(len(raw[start:start + HASH_CHUNK]))
 
     def close(self) -> None:
         self._view = memoryview(b"")
@@ -259,11 +265,22 @@ def read_entry(reader, header: BlobHeader, name: str, progress=None) -> torch.Te
     return out
 
 
-def check_entry(reader, header: BlobHeader, name: str) -> None:
+def read_entry_into(reader, header: BlobHeader, name: str, view: memoryview, progress=None) -> None:
+    """Read one entry's bytes into ``view`` (exactly its size: a live tensor's memory), hashing
+    them as they arrive; CorruptSnapshotError, after the bytes landed, if they do not match."""
+    entry = header.entries[name]
+    if len(view) != entry.nbytes:
+        raise ValueError(f"entry {name!r} holds {entry.nbytes} bytes, not {len(view)}")
+    hasher = xxhash.xxh3_128()
+    reader.read_into(view, header.data_start + entry.begin, hasher, progress)
+    _check_hash(hasher, entry)
+
+
+def check_entry(reader, header: BlobHeader, name: str, progress=None) -> None:
     """Check one entry's bytes against their hash without keeping them."""
     entry = header.entries[name]
     hasher = xxhash.xxh3_128()
-    reader.hash_range(header.data_start + entry.begin, entry.nbytes, hasher)
+    reader.hash_range(header.data_start + entry.begin, entry.nbytes, hasher, progress)
     _check_hash(hasher, entry)
 
 

@@ -8,17 +8,19 @@ import struct
 import uuid
 
 import torch
+import xxhash
 
 from .blobfile import (
     CODE_DTYPES,
     DTYPE_CODES,
+    MAX_HEADER_BYTES,
     BlobHeader,
-    Entry,
     _parse_entry,
     build_header,
     hash_bytes,
-    parse_header,
+    read_header,
 )
+from .directio import FileReader
 from .errors import CorruptSnapshotError, StoreError, UsageError
 
 
@@ -64,34 +66,45 @@ def _with_metadata(header: bytes, extra: dict[str, str]) -> bytes:
 
 def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a weights file written by ``export`` (or any safetensors file) into a state_dict,
-    without unpickling anything."""
-    with open(path, "rb") as f:
-        data = f.read()
+    without unpickling anything.
+
+    The header is checked (its size first) before any tensor byte is read; each tensor is read once
+    into memory of its own, and checked against its hash where the file carries nbguard's."""
+    reader = FileReader(os.fspath(path))
     try:
-        header = parse_header(data)
-    except CorruptSnapshotError:
-        header = _plain_safetensors_header(data)
-    out = {}
-    for name, entry in header.entries.items():
-        raw = memoryview(data)[header.data_start + entry.begin: header.data_start + entry.end]
-        tensor = torch.frombuffer(bytearray(raw), dtype=CODE_DTYPES[entry.code]) if entry.nbytes else \
-            torch.empty(0, dtype=CODE_DTYPES[entry.code])
-        out[name] = tensor.reshape(entry.shape).to(device)
-    return out
+        try:
+            header = read_header(reader)
+        except CorruptSnapshotError:
+            header = _plain_safetensors_header(reader)
+        out = {}
+        for name, entry in header.entries.items():
+            hasher = xxhash.xxh3_128()
+            data = reader.read_entry(header.data_start + entry.begin, entry.nbytes, hasher)
+            if entry.hash and hasher.hexdigest() != entry.hash:
+                raise CorruptSnapshotError(f"{os.fspath(path)}: tensor {name!r} is damaged (hash mismatch): "
+                                           "export it again")
+            dtype = CODE_DTYPES[entry.code]
+            tensor = data.view(dtype) if entry.nbytes else torch.empty(0, dtype=dtype)
+            out[name] = tensor.reshape(entry.shape).to(device)
+        return out
+    finally:
+        reader.close()
 
 
-def _plain_safetensors_header(data: bytes):
-    if len(data) < 8:
+def _plain_safetensors_header(reader: FileReader) -> BlobHeader:
+    prefix = reader.pread(0, 8)
+    if len(prefix) < 8:
         raise CorruptSnapshotError("not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise CorruptSnapshotError("not a safetensors file (truncated header)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(MAX_HEADER_BYTES, reader.size - 8):
+        raise CorruptSnapshotError("not a safetensors file (truncated header, or one of an absurd size)")
+    raw = reader.pread(8, length)
     try:
-        header = json.loads(data[8: 8 + length])
+        header = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise CorruptSnapshotError(f"not a safetensors file: {exc}") from exc
     if not isinstance(header, dict):
         raise CorruptSnapshotError("not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
-    entries = {name: _parse_entry(name, spec, "", len(data) - 8 - length) for name, spec in header.items()}
-    return BlobHeader(data[: 8 + length], 8 + length, {n: Entry(e.name, e.code, e.shape, e.begin, e.end, "") for n, e in entries.items()})
+    entries = {name: _parse_entry(name, spec, "", reader.size - 8 - length) for name, spec in header.items()}
+    return BlobHeader(prefix + raw, 8 + length, entries)

@@ -1,0 +1,459 @@
+"""Restore is all or nothing, refuses silent conversions, never replaces what a notebook needs,
+and fills the live tensors in place (issue 14 items 3-4, issue 17 item 2).
+
+Every failure shape uses real objects (a real GradScaler, scheduler, module hooks) and real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nbguard
+from nbguard import Guard, RestoreError
+from nbguard.errors import CorruptSnapshotError
+from nbguard.manifest import checksum_of
+from tests.test_engine_hostile import (
+    RUN,
+    Live,
+    edit_manifest,
+    flip_byte_in_entry,
+    make_snapshots,
+    manifest_file,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("fixed_rng")
+
+
+def global_rng() -> tuple:
+    return random.getstate(), repr(np.random.get_state()), torch.get_rng_state()
+
+
+def assert_same_rng(before: tuple) -> None:
+    after = global_rng()
+    assert after[0] == before[0] and after[1] == before[1] and torch.equal(after[2], before[2]), \
+        "a random generator was changed"
+
+
+def latest_manifest(store_dir: Path) -> tuple[str, dict]:
+    snapshot = nbguard.load(store_dir, "latest", run=RUN)
+    return snapshot.id, json.loads(manifest_file(store_dir, snapshot.id).read_bytes())
+
+
+# -- all or nothing (14.3) ---------------------------------------------------------------------------
+def test_a_gradscaler_saved_disabled_refuses_an_enabled_one_and_nothing_changes(tmp_path):
+    """AMP switched on between save and restore: the scaler's load_state_dict raises after the model,
+    optimizer, scheduler, generator, values and RNG would have been applied."""
+    store_dir = tmp_path / "store"
+    guard, _ = make_snapshots(store_dir)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    guard.save({"model": model, "opt": opt, "sched": torch.optim.lr_scheduler.StepLR(opt, 3),
+                "gen": torch.Generator().manual_seed(1), "history": [9], "weights": torch.ones(4),
+                "scaler": torch.amp.GradScaler("cpu", enabled=False)}, wait=True).result()
+    live = Live()
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    rng_before = global_rng()
+    with pytest.raises(RestoreError) as raised:
+        Guard(store_dir, run=RUN, report=None).restore(live.objects() | {"scaler": scaler}, namespace=live.namespace)
+    message = str(raised.value)
+    assert message.startswith("scaler refused the snapshot's state") and "disabled instance of GradScaler" in message
+    assert "Nothing was restored" in message
+    live.assert_untouched()
+    assert scaler.state_dict()["scale"] == 1024.0
+    assert_same_rng(rng_before)
+
+
+def test_a_malformed_scheduler_state_is_refused_and_nothing_changes(tmp_path):
+    """The scheduler's tree decodes (a list instead of a dict) but its load_state_dict raises."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    snapshot_id, _ = latest_manifest(store_dir)
+    edit_manifest(store_dir, snapshot_id, lambda m: m["objects"]["sched"].update(tree=[1, 2, 3]))
+    live = Live()
+    rng_before = global_rng()
+    with pytest.raises(RestoreError) as raised:
+        Guard(store_dir, run=RUN, report=None).restore(live.objects(), namespace=live.namespace)
+    assert str(raised.value).startswith("sched refused the snapshot's state")
+    live.assert_untouched()
+    assert_same_rng(rng_before)
+
+
+class HalfLoader:
+    """A user object whose load_state_dict changes half of itself, then raises."""
+
+    def __init__(self, a: int, b: int):
+        self.a, self.b = a, b
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a = state["a"]
+        if state["b"] > 10:
+            raise ValueError("b is too large for this object")
+        self.b = state["b"]
+
+
+def test_an_object_that_fails_halfway_through_its_own_load_is_put_back_too(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"first": HalfLoader(1, 2), "second": HalfLoader(5, 50)}, wait=True).result()
+    first, second = HalfLoader(7, 7), HalfLoader(8, 8)
+    with pytest.raises(RestoreError, match=r"^second refused .*ValueError: b is too large"):
+        guard.restore({"first": first, "second": second})
+    assert (first.a, first.b, second.a, second.b) == (7, 7, 8, 8)
+
+
+def test_a_model_whose_load_hook_raises_gets_its_weights_back(tmp_path):
+    """A post-load hook runs after load_state_dict copied the values in: the copy is undone."""
+    torch.manual_seed(0)
+    saved = nn.Linear(4, 3)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved, "history": [1]}, wait=True).result()
+    live = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+
+    def refuse(module, keys):
+        raise RuntimeError("checksum of the weights does not match the deployment")
+
+    live.register_load_state_dict_post_hook(refuse)
+    namespace: dict[str, Any] = {"history": ["live"]}
+    with pytest.raises(RestoreError, match="^model refused .*checksum of the weights") as raised:
+        guard.restore({"model": live}, namespace=namespace)
+    assert "putting some state back failed" not in str(raised.value)
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+    assert namespace == {"history": ["live"]}
+
+
+def test_a_file_changed_after_checking_is_reported_and_the_rest_put_back(tmp_path):
+    """The one step that cannot be undone: bytes that passed their check change before they are
+    read into the live tensors. The error says so and names the object; the rest is put back."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    _, manifest = latest_manifest(store_dir)
+    # what goes straight into Live()'s memory: the model's tensors (its optimizer has no state yet)
+    in_place = sum(manifest["storages"][manifest["tensors"][k]["storage"]]["nbytes"]
+                   for k in manifest["tensors"] if k.startswith("model/"))
+    live = Live()
+    sched_before = live.sched.state_dict()
+    flipped = []
+
+    def progress(done: int, total: int) -> None:
+        if not flipped and done == total - in_place:  # every byte checked, nothing applied yet
+            flip_byte_in_entry(store_dir, manifest, "model/0.weight")
+            flipped.append(True)
+
+    snapshot = nbguard.load(store_dir, "latest", run=RUN)
+    with pytest.raises(CorruptSnapshotError, match="model is partly restored, everything else is as it was"):
+        snapshot.restore(live.objects(), namespace=live.namespace, progress=progress)
+    assert flipped
+    assert live.sched.state_dict() == sched_before
+    assert live.namespace["history"] == ["live"]
+    assert torch.equal(live.gen.get_state(), live._record[3])
+
+
+# -- odd values (14.4) -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("saved, live", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+                                         (torch.complex64, torch.float32)], ids=str)
+def test_a_dtype_change_is_refused_before_anything_changes(tmp_path, saved, live):
+    torch.manual_seed(0)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": nn.Linear(4, 3, dtype=saved)}, wait=True).result()
+    model = nn.Linear(4, 3, dtype=live)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RestoreError) as raised:
+        guard.restore({"model": model})
+    assert f"model.weight is {saved} in the snapshot but {live} in your model" in str(raised.value)
+    assert "state_dict(name)" in str(raised.value)  # the way to convert on purpose
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_dtype_change_of_optimizer_state_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"opt": opt}, wait=True).result()
+    half = nn.Linear(4, 3).half()
+    with pytest.raises(RestoreError, match=r"saved exp_avg of parameter 0 is torch.float32 in the snapshot but torch.float16"):
+        guard.restore({"opt": torch.optim.Adam(half.parameters())})
+
+
+def test_the_shape_is_checked_before_a_byte_of_a_large_entry_is_read(tmp_path):
+    """A [3,4] weight pointing at a 64 MiB entry is refused from the manifest and the blob header."""
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": nn.Linear(4, 3), "big": torch.zeros(16 * 2**20)}, wait=True).result()
+    snapshot_id = nbguard.load(tmp_path / "ckpt", run=RUN).id
+    path = tmp_path / "ckpt" / "runs" / RUN / "snapshots" / f"{snapshot_id}.json"
+    manifest = json.loads(path.read_bytes())
+    manifest["tensors"]["model/weight"]["storage"] = manifest["tensors"]["big"]["storage"]
+    manifest["checksum"] = checksum_of(manifest)
+    path.write_text(json.dumps(manifest))
+    live = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="not the tensor the manifest lays on it"):
+        nbguard.load(tmp_path / "ckpt", run=RUN).restore({"model": live}, only=["model"])
+    assert _rchar() - read_before < 4 * 2**20, "the entry's bytes were read before its layout was checked"
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+
+
+def test_an_entry_larger_than_its_tensors_is_refused_before_reading(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"big": torch.zeros(16 * 2**20, dtype=torch.uint8).view(4, -1)[:, :8]}, wait=True).result()
+    snapshot = nbguard.load(tmp_path / "ckpt", run=RUN)
+    snapshot.manifest["tensors"]["big"]["shape"] = [1, 8]  # now reaches 8 of the entry's bytes
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="its tensors cover bytes 0-8"):
+        snapshot.restore({}, namespace={})
+    assert _rchar() - read_before < 4 * 2**20
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_restoring_into_a_namespace_never_replaces_builtins_modules_or_dunder_names(tmp_path):
+    """A shared snapshot holding values called __builtins__, torch and __name__: the notebook keeps
+    its own, and the report says what was left alone."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    snapshot_id, _ = latest_manifest(store_dir)
+
+    def rename(manifest):
+        objects = manifest["objects"]
+        objects["__builtins__"] = objects.pop("history")
+        objects["torch"] = objects.pop("weights")
+        objects["__name__"] = dict(objects["__builtins__"])
+        objects["np"] = objects.pop("sched")  # an object whose name is a module here
+
+    edit_manifest(store_dir, snapshot_id, rename)
+    live = Live()
+    namespace = {"__builtins__": __builtins__, "__name__": "__main__", "torch": torch, "np": np,
+                 "model": live.model, "opt": live.opt, "gen": live.gen}
+    report = nbguard.load(store_dir, "latest", run=RUN).restore(namespace=namespace)
+    assert namespace["__builtins__"] is __builtins__ and namespace["torch"] is torch and namespace["np"] is np
+    assert namespace["__name__"] == "__main__"
+    assert sorted(report.skipped) == ["__builtins__ (a Python internal name)", "__name__ (a Python internal name)",
+                                      "np (a module)", "torch (a module)"]
+    assert any("left as they are in your session" in note and "torch (a module)" in note for note in report.notes)
+    assert "torch (a module)" in report.describe()
+    assert {name for name, _ in report.restored} == {"model", "opt", "gen"}
+    assert isinstance(namespace["torch"], types.ModuleType)
+
+
+# -- in place (17.2) -------------------------------------------------------------------------------------
+def test_models_and_optimizers_are_restored_into_their_own_memory(tmp_path):
+    torch.manual_seed(0)
+
+    def make():
+        model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        model[2].weight = nn.Parameter(torch.randn(2, 8))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = make()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": model, "opt": opt}, wait=True).result()
+    live_model, live_opt = make()
+    live_model(torch.randn(4, 8)).sum().backward()
+    live_opt.step()
+
+    def memory(m, o):
+        return [t.data_ptr() for t in m.state_dict().values()] + \
+            [v.data_ptr() for s in o.state.values() for k, v in s.items() if k != "step"]
+
+    before = memory(live_model, live_opt)
+    guard.restore({"model": live_model, "opt": live_opt})
+    assert memory(live_model, live_opt) == before
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), live_model.state_dict().values(),
+                                                 strict=True))
+    assert repr(opt.state_dict()) == repr(live_opt.state_dict())
+
+
+def test_a_restore_does_not_need_a_second_copy_of_the_state(tmp_path):
+    """Peak memory of a restore into a live 200 MiB model + Adam stays far below the state's size
+    (the previous restore read into fresh memory, then copied: +1x the state). Measured in a fresh
+    process that holds nothing but the live state, as benchmarks.restore_ab does."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.run import build_state
+
+    model, opt = build_state(0.1875, seed=0)
+    Guard(tmp_path / "ckpt", run="mem", report=None).save({"model": model, "opt": opt}, wait=True).result()
+    del model, opt
+    script = textwrap.dedent(f"""
+        import sys, torch, nbguard
+        sys.path.insert(0, {str(REPO)!r})
+        from benchmarks.floors import PeakRss, evict_tree
+        from benchmarks.run import build_state
+        model, opt = build_state(0.1875, seed=1)
+        evict_tree({str(tmp_path / 'ckpt')!r})
+        with PeakRss() as mem:
+            nbguard.load({str(tmp_path / 'ckpt')!r}).restore({{"model": model, "opt": opt}})
+        print("PEAK", mem.increase)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.split("PEAK")[1])
+    assert peak < 80 * 2**20, f"a restore of 200 MiB took {peak / 2**20:.0f} MiB more memory"
+
+
+class Strided(nn.Module):
+    """A parameter whose memory is not in row-major order (read into fresh memory, then swapped in:
+    the path GPU tensors take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8).t())
+
+
+def test_tensors_swapped_in_are_swapped_back_when_a_later_object_refuses(tmp_path):
+    torch.manual_seed(0)
+    saved = Strided()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved, "other": HalfLoader(1, 50)}, wait=True).result()
+    live = Strided()
+    before = live.weight.detach().clone()
+    with pytest.raises(RestoreError, match="^other refused"):
+        guard.restore({"model": live, "other": HalfLoader(0, 0)})
+    assert torch.equal(live.weight, before)
+    guard.load("latest").restore({"model": live}, only=["model"])
+    assert torch.equal(live.weight, saved.weight) and live.weight.stride() == (1, 8)
+
+
+def test_load_weights_checks_hashes_and_sizes_before_reading(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": model}, wait=True).result()
+    out = guard.catalog.export("latest", "model", tmp_path / "model.safetensors", run=RUN)
+    assert torch.equal(nbguard.load_weights(out)["weight"], model.weight.detach())
+    data = bytearray(Path(out).read_bytes())
+    data[-5] ^= 0x10  # a flipped bit in the last tensor's bytes
+    Path(out).write_bytes(bytes(data))
+    with pytest.raises(CorruptSnapshotError, match="is damaged"):
+        nbguard.load_weights(out)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((2**40).to_bytes(8, "little") + b"{}" + bytes(8 * 2**20))
+    read_before = _rchar()
+    with pytest.raises(CorruptSnapshotError, match="absurd size"):
+        nbguard.load_weights(huge)
+    assert _rchar() - read_before < 2**20
+
+
+class CopyingStateDict(nn.Linear):
+    """A model whose state_dict() hands out copies, not its own memory."""
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v.clone() for k, v in super().state_dict(*args, **kwargs).items()}
+
+
+def test_a_model_whose_state_dict_hands_out_copies_is_still_restored(tmp_path):
+    torch.manual_seed(0)
+    saved_plain, saved_copying = nn.Linear(4, 3), CopyingStateDict(4, 3)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"plain": saved_plain, "copying": saved_copying}, wait=True).result()
+    plain, copying = nn.Linear(4, 3), CopyingStateDict(4, 3)
+
+    def clone_all(module, state, prefix, local_metadata):
+        for key in list(state):
+            state[key] = state[key].clone()
+
+    plain.register_state_dict_post_hook(clone_all)
+    guard.restore({"plain": plain, "copying": copying})
+    assert torch.equal(plain.weight, saved_plain.weight) and torch.equal(plain.bias, saved_plain.bias)
+    assert torch.equal(copying.weight, saved_copying.weight) and torch.equal(copying.bias, saved_copying.bias)
+
+
+def test_weights_tied_in_the_session_but_not_in_the_snapshot_restore_as_torch_would(tmp_path):
+    def make(tied: bool) -> nn.Sequential:
+        model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+        if tied:
+            model[1].weight = model[0].weight
+        return model
+
+    torch.manual_seed(0)
+    saved = make(tied=False)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": saved}, wait=True).result()
+    expected, live = make(tied=True), make(tied=True)
+    expected.load_state_dict(saved.state_dict())
+    guard.restore({"model": live})
+    assert torch.equal(live[0].weight, expected[0].weight) and live[1].weight is live[0].weight
+
+
+class WithExtraState(nn.Linear):
+    def __init__(self, tag: str):
+        super().__init__(2, 2)
+        self.tag = tag
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.tag = state["tag"]
+
+
+def test_a_models_extra_state_is_put_back_too(tmp_path):
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.save({"model": WithExtraState("saved"), "other": HalfLoader(1, 50)}, wait=True).result()
+    live = WithExtraState("live")
+    with pytest.raises(RestoreError, match="^other refused"):
+        guard.restore({"model": live, "other": HalfLoader(0, 0)})
+    assert live.tag == "live"
+    guard.load("latest").restore({"model": live}, only=["model"])
+    assert live.tag == "saved"
+
+
+@pytest.fixture
+def ipython(tmp_path, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NBGUARD_DIR", str(tmp_path / "snaps"))
+    sh = InteractiveShell.instance()
+    sh.user_ns.clear()
+    sh.run_line_magic("load_ext", "nbguard")
+    yield sh
+    sh.run_line_magic("unload_ext", "nbguard")
+    sh.user_ns.clear()
+    InteractiveShell.clear_instance()
+
+
+def test_nbguard_restore_magic_of_a_shared_snapshot_keeps_builtins_and_modules(ipython, tmp_path, capsys):
+    """The issue's probe: a snapshot from a shared folder holding __builtins__ and torch."""
+    torch.manual_seed(0)
+    Guard(tmp_path / "snaps", run="shared", report=None).save(
+        {"model": nn.Linear(2, 2), "__builtins__": {"print": 0}, "torch": [1, 2], "save_dir": "/elsewhere"},
+        wait=True).result()
+    ipython.run_cell("import torch\nfrom torch import nn\nmodel = nn.Linear(2, 2)\nsave_dir = 'mine'")
+    capsys.readouterr()
+    ipython.run_line_magic("nbguard", "restore latest")
+    out = capsys.readouterr().out
+    assert "__builtins__ (a Python internal name)" in out and "torch (a module)" in out
+    assert ipython.user_ns["torch"] is torch and ipython.user_ns["save_dir"] == "/elsewhere"
+    result = ipython.run_cell("print('still here')")
+    assert result.success and "still here" in capsys.readouterr().out
