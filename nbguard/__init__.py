@@ -13,8 +13,6 @@ or, by hand::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .catalog import Catalog, Comparison, GcReport
 from .decorator import checkpointed
 from .errors import (
@@ -32,6 +30,7 @@ from .place import default_dir
 from .retention import Policy
 from .snapshot import RestoreReport, Snapshot
 from .store import FsspecStore, LocalStore, MemoryStore, Store, open_store
+from .version import __version__
 from .weights import load_weights
 from .writer import SaveHandle
 

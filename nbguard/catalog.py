@@ -89,6 +89,14 @@ class GcReport:
     freed: int = 0
     kept: list[tuple[str, str]] = field(default_factory=list)
 
+    def lines(self) -> list[str]:
+        """What ``nbguard gc`` and ``%nbguard gc`` print: the totals, then each unused file kept and why."""
+        from .humanize import printable, size
+
+        head = (f"removed {len(self.blobs)} unused blob(s) and {len(self.temp_files)} leftover file(s), "
+                f"{size(self.freed)} freed; kept {len(self.kept)} unused file(s)")
+        return [head] + [f"  kept {printable(path)}: {printable(why)}" for path, why in self.kept]
+
 
 class Catalog:
     """The snapshots of one store folder (every run in it)."""

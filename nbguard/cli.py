@@ -127,10 +127,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     for catalog in stores_in(args.dir):
         report = catalog.gc(grace=args.grace)
-        print(f"{catalog.store.url}: removed {len(report.blobs)} unused blob(s) and {len(report.temp_files)} "
-              f"leftover file(s), {human_size(report.freed)} freed; kept {len(report.kept)} unused file(s)")
-        for path, why in report.kept:
-            print(f"  kept {printable(path)}: {printable(why)}")
+        head, *kept = report.lines()
+        print(f"{catalog.store.url}: {head}")
+        for line in kept:
+            print(line)
     return 0
 
 

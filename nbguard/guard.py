@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, leases
+from . import leases
 from .blobfile import Item, blob_path, hash_bytes, write_blob
 from .capture import capture
 from .catalog import Catalog
@@ -51,6 +51,7 @@ from .retention import Policy
 from .snapshot import RestoreReport, Snapshot
 from .staging import StagedSnapshot, StagingArea, StoredEntry
 from .store import Store
+from .version import __version__
 from .writer import SaveHandle, Writer
 
 Reporter = Callable[[str], None]

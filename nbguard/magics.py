@@ -242,9 +242,10 @@ class NbguardMagics(Magics):
         print(self.session.connect_drive(rest[0] if rest else None))
 
     def _cmd_gc(self, rest: list[str]) -> None:
-        report = self.session.catalog().gc()
-        print(f"nbguard: removed {len(report.blobs)} unused blob(s) and {len(report.temp_files)} leftover file(s), "
-              f"{human_size(report.freed)} freed")
+        head, *kept = self.session.catalog().gc().lines()
+        print(f"nbguard: {head}")
+        for line in kept:
+            print(line)
 
 
 def _parse(parser: Any, line: str) -> Any:

@@ -207,7 +207,7 @@ class Session:
             newest = snapshots[0]
             where = f", {newest.label}" if newest.label else ""
             text += (f". {len(snapshots)} snapshot{'s' if len(snapshots) != 1 else ''} found, newest {ago(newest.created)}"
-                     f"{where}: re-run the training cell to resume, or open %nbguard panel")
+                     f"{where}: {_what_rerun_does(newest)}, or open %nbguard panel")
         return text
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -314,6 +314,17 @@ class Session:
             if not guard.flush(timeout):
                 self.report("a snapshot was still being written at shutdown and may be incomplete; "
                             "earlier snapshots are intact")
+
+
+def _what_rerun_does(info: SnapshotInfo) -> str:
+    """What re-running the training cell will do with this snapshot: never promise a resume the cell
+    will not perform (a snapshot without loop positions, of a loop nbguard could not reach)."""
+    position = info.position if isinstance(info.position, dict) else {}
+    if position.get("completed"):
+        return "re-running the training cell restores its final state without training again"
+    if any(key not in ("label", "completed") for key in position):
+        return "re-run the training cell to resume"
+    return f"it holds no loop position to resume from (`%nbguard restore {info.id}` loads it)"
 
 
 def _drive_lines(catalog: Catalog) -> list[str]:

@@ -82,5 +82,8 @@ def test_demo_crashes_resumes_and_matches(tmp_path):
     assert "killed (SIGKILL)" in result.stdout and "bit for bit" in result.stdout
     assert os.listdir(tmp_path / "cwd") == []  # nothing left in the folder it ran from (a repository)
     store = tmp_path / "tmp" / "nbguard-demo"
-    assert sorted(os.listdir(store)) == ["blobs", "runs"]  # the compared weights were not written into the store
-    assert os.listdir(tmp_path / "tmp") == ["nbguard-demo"]
+    # the compared weights were not written into the store (and no save left a lease behind)
+    assert sorted(x for x in os.listdir(store) if x != "leases") == ["blobs", "runs"]
+    assert not (store / "leases").exists() or not os.listdir(store / "leases")
+    # (torch itself may leave its compiler cache folder there: building an Adam optimizer imports dynamo)
+    assert [x for x in os.listdir(tmp_path / "tmp") if not x.startswith("torchinductor_")] == ["nbguard-demo"]

@@ -441,3 +441,12 @@ def test_the_final_snapshot_supersedes_an_identical_last_iteration_snapshot(shel
     assert run(shell, "%%checkpointed --name r --every-iter 1 --keep 3\n" + TRAIN).success
     labels = [s.label for s in nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")]
     assert labels == ["finished 5 of 5 epochs", "after epoch 4 of 5", "after epoch 3 of 5"], labels
+
+
+def test_gc_magic_says_what_it_removed_and_what_it_kept(shell, capsys):
+    run(shell, SETUP)
+    run(shell, "%%checkpointed --every-iter 1\n" + TRAIN)
+    capsys.readouterr()
+    shell.run_line_magic("nbguard", "gc")
+    out = capsys.readouterr().out
+    assert "nbguard: removed 0 unused blob(s) and 0 leftover file(s), 0 B freed; kept 0 unused file(s)" in out, out
