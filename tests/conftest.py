@@ -97,3 +97,19 @@ def fixed_rng():
 def reports() -> list[str]:
     """A list that collects the messages a Guard reports (pass ``report=reports.append``)."""
     return []
+
+
+@pytest.fixture
+def shell(tmp_path, monkeypatch):
+    """A real in-process IPython shell with nbguard loaded, snapshots in a tmp folder."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NBGUARD_DIR", str(tmp_path / "snaps"))
+    sh = InteractiveShell.instance()
+    sh.user_ns.clear()
+    sh.run_line_magic("load_ext", "nbguard")
+    yield sh
+    sh.run_line_magic("unload_ext", "nbguard")
+    sh.user_ns.clear()
+    InteractiveShell.clear_instance()

@@ -428,32 +428,17 @@ def test_a_models_extra_state_is_put_back_too(tmp_path):
     assert live.tag == "saved"
 
 
-@pytest.fixture
-def ipython(tmp_path, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NBGUARD_DIR", str(tmp_path / "snaps"))
-    sh = InteractiveShell.instance()
-    sh.user_ns.clear()
-    sh.run_line_magic("load_ext", "nbguard")
-    yield sh
-    sh.run_line_magic("unload_ext", "nbguard")
-    sh.user_ns.clear()
-    InteractiveShell.clear_instance()
-
-
-def test_nbguard_restore_magic_of_a_shared_snapshot_keeps_builtins_and_modules(ipython, tmp_path, capsys):
+def test_nbguard_restore_magic_of_a_shared_snapshot_keeps_builtins_and_modules(shell, tmp_path, capsys):
     """The issue's probe: a snapshot from a shared folder holding __builtins__ and torch."""
     torch.manual_seed(0)
     Guard(tmp_path / "snaps", run="shared", report=None).save(
         {"model": nn.Linear(2, 2), "__builtins__": {"print": 0}, "torch": [1, 2], "save_dir": "/elsewhere"},
         wait=True).result()
-    ipython.run_cell("import torch\nfrom torch import nn\nmodel = nn.Linear(2, 2)\nsave_dir = 'mine'")
+    shell.run_cell("import torch\nfrom torch import nn\nmodel = nn.Linear(2, 2)\nsave_dir = 'mine'")
     capsys.readouterr()
-    ipython.run_line_magic("nbguard", "restore latest")
+    shell.run_line_magic("nbguard", "restore latest")
     out = capsys.readouterr().out
     assert "__builtins__ (a Python internal name)" in out and "torch (a module)" in out
-    assert ipython.user_ns["torch"] is torch and ipython.user_ns["save_dir"] == "/elsewhere"
-    result = ipython.run_cell("print('still here')")
+    assert shell.user_ns["torch"] is torch and shell.user_ns["save_dir"] == "/elsewhere"
+    result = shell.run_cell("print('still here')")
     assert result.success and "still here" in capsys.readouterr().out

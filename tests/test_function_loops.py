@@ -118,21 +118,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NBGUARD_DIR", str(tmp_path / "snaps"))
-    sh = InteractiveShell.instance()
-    sh.user_ns.clear()
-    sh.run_line_magic("load_ext", "nbguard")
-    yield sh
-    sh.run_line_magic("unload_ext", "nbguard")
-    sh.user_ns.clear()
-    InteractiveShell.clear_instance()
-
-
 def plain(defs: str, cell: str, names: tuple[str, ...]) -> dict:
     ns: dict = {}
     exec(DATA, ns)

@@ -43,21 +43,6 @@ TRAIN = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NBGUARD_DIR", str(tmp_path / "snaps"))
-    sh = InteractiveShell.instance()
-    sh.user_ns.clear()
-    sh.run_line_magic("load_ext", "nbguard")
-    yield sh
-    sh.run_line_magic("unload_ext", "nbguard")
-    sh.user_ns.clear()
-    InteractiveShell.clear_instance()
-
-
 def run(sh, source: str):
     result = sh.run_cell(source)
     return result
