@@ -41,7 +41,19 @@ def capture_locals(frames: list[PathFrame], taken: Mapping[str, Any], skip: froz
                 continue
             if classify(value) is not None or why_not_plain(value) is None:
                 out[f"{prefix}{SEPARATOR}{name}"] = value
+            elif _users_object(value, frame):
+                # `self` of a method of the notebook's class: its plain attributes (self.history,
+                # self.best_acc) are state too; its training objects are found by discovery.
+                for attr, item in vars(value).items():
+                    if not attr.startswith("_") and id(item) not in known and why_not_plain(item) is None:
+                        out[f"{prefix}{SEPARATOR}{name}.{attr}"] = item
     return out
+
+
+def _users_object(value: Any, frame: FrameType) -> bool:
+    """An instance of a class whose methods were compiled in the guarded code's own globals."""
+    methods = vars(type(value)).values() if hasattr(value, "__dict__") else ()
+    return any(getattr(m, "__globals__", None) is frame.f_globals for m in methods)
 
 
 def write_locals(frame: FrameType, values: Mapping[str, Any]) -> None:
@@ -81,7 +93,14 @@ class FrameNamespace(MutableMapping[str, Any]):
         pending = self.pending.get(key.partition(SEPARATOR)[0], {})
         if name in pending:
             return pending[name]
-        return frame.f_locals[name]
+        local, _, attr = name.partition(".")
+        value = frame.f_locals[local]
+        if attr:
+            try:
+                return getattr(value, attr)
+            except AttributeError:
+                raise KeyError(key) from None
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         where = self._split(key)
@@ -110,6 +129,18 @@ class FrameNamespace(MutableMapping[str, Any]):
             current = frame.f_locals
             rebound = {}
             for name, value in values.items():
+                local, _, attr = name.partition(".")
+                if attr:  # an attribute of a local object (self.history)
+                    owner = current.get(local)
+                    live = getattr(owner, attr, None)
+                    if isinstance(live, list) and type(live) is type(value):
+                        live[:] = value
+                    elif isinstance(live, dict) and type(live) is type(value):
+                        live.clear()
+                        live.update(value)
+                    elif owner is not None:
+                        setattr(owner, attr, value)
+                    continue
                 live = current.get(name)
                 if isinstance(live, list) and type(live) is type(value):
                     live[:] = value

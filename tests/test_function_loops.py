@@ -241,3 +241,45 @@ def test_a_loop_in_installed_code_is_announced(shell, tmp_path, capsys, monkeypa
     from nbguard.session import current
 
     assert "restores its final state without training again" in current().banner()
+
+
+CLASS_DEFS = textwrap.dedent("""
+    class Trainer:
+        def __init__(self, model, optimizer):
+            self.model, self.optimizer = model, optimizer
+            self.history = []
+            self.best = None
+        def fit(self, epochs):
+            for epoch in range(epochs):
+                total = 0.0
+                for i, (x, y) in enumerate(loader):
+                    loss = loss_fn(self.model(x), y)
+                    self.optimizer.zero_grad(); loss.backward(); self.optimizer.step()
+                    total += loss.item()
+                    checkpoint_hook((epoch, i))
+                self.history.append(total)
+                self.best = total if self.best is None else min(self.best, total)
+            return self.history
+    trainer = Trainer(model, optimizer)
+""")
+
+
+def test_a_method_of_a_notebook_class_resumes_with_its_attributes(shell, capsys):
+    """trainer.fit(): the loops of a method are safe points, and self's plain attributes
+    (self.history, self.best) are saved and come back."""
+    ns: dict = {}
+    exec(DATA, ns)
+    exec(CLASS_DEFS, ns)
+    expected = ns["trainer"].fit(4), ns["trainer"].best, [v.clone() for v in ns["model"].state_dict().values()]
+    run(shell, DATA)
+    run(shell, CLASS_DEFS)
+    shell.user_ns["save_at"], shell.user_ns["crash_at"] = (2, 3), (2, 5)
+    assert not run(shell, "%%checkpointed --every 1h\nhist = trainer.fit(4)\n").success
+    shell.user_ns.clear()
+    run(shell, DATA)
+    run(shell, CLASS_DEFS)
+    capsys.readouterr()
+    assert run(shell, "%%checkpointed --every 1h\nhist = trainer.fit(4)\n").success
+    assert "resumed from snapshot" in capsys.readouterr().out
+    assert shell.user_ns["hist"] == expected[0] and shell.user_ns["trainer"].best == expected[1]
+    assert all(torch.equal(a, b) for a, b in zip(shell.user_ns["model"].state_dict().values(), expected[2], strict=True))

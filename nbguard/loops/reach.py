@@ -83,9 +83,11 @@ def _functions_behind(value: object, namespace: Mapping[str, object]) -> Iterabl
     if isinstance(value, types.FunctionType):
         return [value] if value.__globals__ is namespace else []
     cls = value if isinstance(value, type) else type(value)
-    if cls.__module__ == namespace.get("__name__") and cls.__module__ not in ("builtins", None):
-        return [f for f in vars(cls).values() if isinstance(f, types.FunctionType) and f.__globals__ is namespace]
-    return []
+    if value is None:
+        return []
+    # A class of the notebook: its methods were compiled with the notebook as globals (a library's
+    # class has none such, whatever it is called).
+    return [f for f in vars(cls).values() if isinstance(f, types.FunctionType) and f.__globals__ is namespace]
 
 
 def _foreign_calls(tree: ast.Module, namespace: Mapping[str, object]) -> list[str]:
