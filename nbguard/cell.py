@@ -271,7 +271,7 @@ class CheckpointedCell:
         return choice.snapshot, choice.notes
 
     def _plan(self, snapshot: Snapshot) -> ResumePlan:
-        extra = _extra(snapshot)
+        extra = extra_of(snapshot)
         if extra.get("completed") and self.continues_finished:
             # An edited cell continues a finished run: after the iterations its last loop had done.
             return ResumePlan(positions=[LoopPosition(int(loop[0]), int(loop[1]), loop[2], None)
@@ -286,7 +286,7 @@ class CheckpointedCell:
         frames = self.runtime.frames if self.runtime is not None else []
         namespace = FrameNamespace(self.namespace, frames)
         objects = dict(self._discover().objects)
-        for alias, target in _extra(snapshot).get("aliases", {}).items():
+        for alias, target in extra_of(snapshot).get("aliases", {}).items():
             if target not in objects and alias in objects:
                 objects[target] = objects[alias]
             elif target not in objects and alias in self.namespace:
@@ -304,7 +304,7 @@ class CheckpointedCell:
         when = f"saved {ago(info.created)} at {clock(info.created)}"
         where = f", {info.label}" if info.label else ""
         what = ", ".join(name for name, _ in report.restored)
-        finished = _extra(snapshot).get("completed") and not self.continues_finished
+        finished = extra_of(snapshot).get("completed") and not self.continues_finished
         if finished:
             print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
                   f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
@@ -388,7 +388,7 @@ class CheckpointedCell:
         reachable = bool(self.cell.loops or self.reach.functions)
         if not reachable:
             self._say_unreachable()
-            if snapshot is not None and not _extra(snapshot).get("completed"):
+            if snapshot is not None and not extra_of(snapshot).get("completed"):
                 self._said(f"snapshot {snapshot.info.id} was taken while this cell ran; nbguard cannot resume inside "
                            f"a loop it cannot reach, so the cell runs from the start (`%nbguard restore "
                            f"{snapshot.info.id}` loads that state instead)")
@@ -400,7 +400,7 @@ class CheckpointedCell:
             self.session.last_cell = self
             self._restore(snapshot)
             self.finished = True
-            result = _extra(snapshot).get("result")
+            result = extra_of(snapshot).get("result")
             if result is not None:
                 self.result = self.namespace.pop(RESULT_KEY, None) if result == RESULT_KEY else \
                     self._discover().objects.get(result, self.namespace.get(result))
@@ -484,10 +484,6 @@ class CheckpointedCell:
 
     def _said(self, message: str) -> None:
         print(f"nbguard: {message}", flush=True)
-
-
-def _extra(snapshot: Snapshot) -> dict[str, Any]:
-    return extra_of(snapshot)
 
 
 def _install(signum: int, handler: Callable) -> Any:
