@@ -18,6 +18,7 @@ from .catalog import Catalog
 from .errors import SnapshotError, UsageError
 from .humanize import ago, clock
 from .loops.rewrite import LoopInfo
+from .manifest import SnapshotInfo
 from .snapshot import Snapshot
 
 
@@ -57,6 +58,13 @@ def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fres
         return ResumeChoice(notes=[f"{path}: {problem}" for path, problem in catalog.problems.items()])
     extra = extra_of(snapshot)
     choice = ResumeChoice(snapshot, list(skipped), origin=extra.get("origin"))
+    other = interleaved_writer(catalog.snapshots(run), snapshot.info)
+    if other is not None:
+        choice.notes.append(
+            f"two writers (two kernels of this notebook?) saved this run at the same time; continuing from the "
+            f"newest snapshot, {describe(snapshot)}, written by {snapshot.info.writer or 'an unknown writer'}. "
+            f"The other one's newest is {other.id} ({other.writer or 'unknown writer'}): to continue that one, "
+            f"%%checkpointed --resume-from {other.id} ; give each its own run with --name")
     if extra.get("fingerprint") == fingerprint:
         return choice
     if extra.get("structure") != structure:
@@ -70,6 +78,22 @@ def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fres
     choice.changed = True
     choice.continues_finished = bool(extra.get("completed"))
     return choice
+
+
+def interleaved_writer(snapshots: list[SnapshotInfo], newest: SnapshotInfo) -> SnapshotInfo | None:
+    """The newest snapshot of another writer whose saves interleave with ``newest``'s lineage (each
+    snapshot names its parent: the state it descends from), or None. A run continued after a restart
+    has a new writer but descends from the old one's snapshot, so it does not count."""
+    ancestors, by_id = set(), {s.id: s for s in snapshots}
+    current: SnapshotInfo | None = newest
+    while current is not None and current.id not in ancestors:
+        ancestors.add(current.id)
+        current = by_id.get(current.parent) if current.parent else None
+    oldest_own = min((by_id[i].created for i in ancestors if i in by_id), default=newest.created)
+    for info in snapshots:  # newest first
+        if info.id not in ancestors and info.writer != newest.writer and info.created >= oldest_own:
+            return info
+    return None
 
 
 def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str) -> ResumeChoice:

@@ -400,6 +400,36 @@ def test_snapshots_say_which_writer_and_lineage_they_come_from(tmp_path):
         Guard(LocalStore(root), run=RUN, report=None, lineage="")
 
 
+def test_a_resume_says_so_when_two_kernels_saved_one_run_at_the_same_time(tmp_path):
+    """The issue's probe: two kernels of one notebook in one folder, both killed, then resumed. The
+    resume takes the newest snapshot and says whose it is, and how to take the other one."""
+    from nbguard.resume_choice import choose
+
+    root = tmp_path / "store"
+    a = Guard(LocalStore(root), run=RUN, report=None)
+    b = Guard(LocalStore(root), run=RUN, report=None)
+    model = nn.Linear(2, 2)
+    extra = {"fingerprint": "f", "structure": "s"}
+    a.save({"model": model}, extra=extra, wait=True)
+    b.save({"model": model}, extra=extra, wait=True)
+    a2 = a.save({"model": model}, extra=extra, wait=True).result()
+    b2 = b.save({"model": model}, extra=extra, wait=True).result()
+    choice = choose(Catalog(LocalStore(root)), RUN, fingerprint="f", structure="s")
+    assert choice.snapshot.id == b2.id
+    (note,) = [n for n in choice.notes if "two writers" in n]
+    assert b.writer_id in note and a2.id in note and f"--resume-from {a2.id}" in note
+
+    # One kernel after another (the second resumed from the first): nothing to say.
+    solo = tmp_path / "solo"
+    first = Guard(LocalStore(solo), run=RUN, report=None)
+    s1 = first.save({"model": model}, extra=extra, wait=True).result()
+    second = Guard(LocalStore(solo), run=RUN, report=None)
+    second.restore({"model": nn.Linear(2, 2)}, s1.id)
+    second.save({"model": model}, extra=extra, wait=True)
+    assert not [n for n in choose(Catalog(LocalStore(solo)), RUN, fingerprint="f", structure="s").notes
+                if "two writers" in n]
+
+
 def test_the_panel_shows_a_folder_with_a_sentinel_metric_and_a_forged_date(tmp_path):
     import nbguard
 
