@@ -15,7 +15,7 @@ import resource
 import tempfile
 import time
 
-from nbguard.drive import DriveStore
+from nbguard.stores.drive import DriveStore
 from tests.drive_emulator import DriveEmulator
 
 MIB = 1 << 20

@@ -211,10 +211,10 @@ def tree_size(folder: str) -> int:
 
 # -- raw bytes of tensors ---------------------------------------------------------------------------
 def byte_views(tensors: Iterable[torch.Tensor]) -> list[memoryview]:
-    """Zero-copy byte views of contiguous CPU tensors (``nbguard.directio.byte_view``: not through
+    """Zero-copy byte views of contiguous CPU tensors (``nbguard.stores.directio.byte_view``: not through
     NumPy, which would make nbguard's change tracking distrust them and change what is measured).
     The caller keeps the tensors alive."""
-    from nbguard.directio import byte_view
+    from nbguard.stores.directio import byte_view
 
     if any(not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
         raise ValueError("byte_views needs contiguous CPU tensors")

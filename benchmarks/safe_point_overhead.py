@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from nbguard.loops import RESERVED_NAME, LoopRuntime, instrument_cell
+from nbguard.training.loops import RESERVED_NAME, LoopRuntime, instrument_cell
 
 PLAIN = "for i in range(100_000):\n    pass\n"
 # The request is made from the loop body (the main thread) at fixed iterations, so the figure is

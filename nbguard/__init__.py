@@ -13,8 +13,13 @@ or, by hand::
 
 from __future__ import annotations
 
-from .catalog import Catalog, Comparison, GcReport
-from .decorator import checkpointed
+from .engine.catalog import Catalog, Comparison, GcReport
+from .engine.guard import Guard, SaveStats, load
+from .engine.report import RestoreReport
+from .engine.retention import Policy
+from .engine.snapshot import Snapshot
+from .engine.weights import load_weights
+from .engine.writer import SaveHandle
 from .errors import (
     CaptureError,
     CorruptSnapshotError,
@@ -24,15 +29,11 @@ from .errors import (
     StoreError,
     UsageError,
 )
-from .guard import Guard, SaveStats, load
-from .manifest import SnapshotInfo
-from .place import default_dir
-from .retention import Policy
-from .snapshot import RestoreReport, Snapshot
-from .store import FsspecStore, LocalStore, MemoryStore, Store, open_store
+from .format.manifest import SnapshotInfo
+from .stores import FsspecStore, LocalStore, MemoryStore, Store, open_store
+from .stores.place import default_dir
+from .training.decorator import checkpointed
 from .version import __version__
-from .weights import load_weights
-from .writer import SaveHandle
 
 __all__ = [
     "CaptureError",
@@ -70,20 +71,20 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's shell
     """``%load_ext nbguard``: register the magics and the shutdown handlers."""
-    from .magics import load_extension
+    from .notebook.magics import load_extension
 
     load_extension(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:  # noqa: ANN001
     """``%unload_ext nbguard``: remove everything ``%load_ext`` added."""
-    from .magics import unload_extension
+    from .notebook.magics import unload_extension
 
     unload_extension(ipython)
 
 
 def panel(*args, **kwargs):
-    """The snapshot panel (an ipywidgets widget); see ``nbguard.ui.Panel``."""
-    from .ui import open_panel
+    """The snapshot panel (an ipywidgets widget); see ``nbguard.notebook.panel.Panel``."""
+    from .notebook.panel import open_panel
 
     return open_panel(*args, **kwargs)

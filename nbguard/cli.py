@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .catalog import Catalog
+from .engine.catalog import Catalog
 from .errors import NbguardError, UsageError
 from .humanize import ago, clock, printable
 from .humanize import size as human_size
-from .store import LocalStore
+from .stores import LocalStore
 
 
 def default_dir() -> str:

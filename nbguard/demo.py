@@ -39,8 +39,8 @@ def _build():
 def _train(mode: str, folder: str, out: str) -> None:
     import torch
 
-    from .guard import Guard
-    from .weights import write_safetensors
+    from .engine.guard import Guard
+    from .engine.weights import write_safetensors
 
     model, opt, sched, loader = _build()
     history: list[float] = []
@@ -98,9 +98,9 @@ def main(folder: str | None = None) -> int:
 def _run(folder: str, where: str, work: str) -> int:
     import torch
 
-    from .catalog import Catalog
+    from .engine.catalog import Catalog
+    from .engine.weights import load_weights
     from .humanize import size as human_size
-    from .weights import load_weights
 
     began = time.time()
     print("nbguard demo: what happens when training crashes half-way\n")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbguard.store import FsspecStore, LocalStore, MemoryStore, Store
+from nbguard.stores import FsspecStore, LocalStore, MemoryStore, Store
 from tests.drive_emulator import emulated_drive_store, stop_emulated_drive_store
 
 # Test files whose outcome depends on the interpreter (bytecode of rewritten loops, sys.monitoring on

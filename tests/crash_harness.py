@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 ZYGOTE = r"""
 import json, os, signal, sys
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
-import numpy, torch, torch._dynamo, torch.optim, nbguard, nbguard.drive  # preloaded: children start in ms
+import numpy, torch, torch._dynamo, torch.optim, nbguard, nbguard.stores.drive  # preloaded: children start in ms
 import tests.crash_harness as harness
 
 def reap(signum, frame):
@@ -511,7 +511,7 @@ def tear(store_dir: Path, snapshots: list[Any], mode: str, rnd: random.Random) -
     there is none, the manifest is damaged instead.
     """
     from nbguard import Catalog
-    from nbguard.manifest import manifest_path
+    from nbguard.format.manifest import manifest_path
 
     newest = snapshots[0]
     catalog = Catalog(str(store_dir))
@@ -557,7 +557,7 @@ def own_blob(store_dir: Path, snapshots: list[Any]) -> str | None:
 def flip_entry_byte(store_dir: Path, snapshot_id: str, tensor_key: str, at: int = 0) -> str:
     """Flip one bit in the stored bytes of one tensor of a snapshot; returns the blob's store path."""
     from nbguard import Catalog
-    from nbguard.blobfile import blob_path, parse_header
+    from nbguard.format.blobfile import blob_path, parse_header
 
     manifest = Catalog(str(store_dir)).manifest(RUN, snapshot_id)
     spec = manifest["storages"][manifest["tensors"][tensor_key]["storage"]]
@@ -575,7 +575,7 @@ def flip_history_digit(store_dir: Path, snapshot_id: str) -> str:
     """Flip the lowest bit of one digit of the first saved history value: still valid JSON, another number."""
     import re
 
-    from nbguard.manifest import manifest_path
+    from nbguard.format.manifest import manifest_path
 
     path = store_dir / manifest_path(RUN, snapshot_id)
     data = bytearray(path.read_bytes())
@@ -592,7 +592,7 @@ def flip_history_digit(store_dir: Path, snapshot_id: str) -> str:
 
 def flip_in_manifest(store_dir: Path, snapshot_id: str, find: bytes, mask: int, after: bytes = b"") -> str:
     """Flip bits (``mask``) in the last byte of the first occurrence of ``find`` (after ``after``) in a manifest."""
-    from nbguard.manifest import manifest_path
+    from nbguard.format.manifest import manifest_path
 
     path = store_dir / manifest_path(RUN, snapshot_id)
     data = bytearray(path.read_bytes())
@@ -768,9 +768,9 @@ def ipython_shell(tmp_path: Path, monkeypatch: Any) -> Any:
 
 
 def current_session() -> Any:
-    import nbguard.session
+    import nbguard.training.session
 
-    session = nbguard.session.current()
+    session = nbguard.training.session.current()
     assert session is not None, "load the extension first"
     return session
 
@@ -831,8 +831,8 @@ def kernel_hook_cell(store: str, log: str, kill_at: int | None) -> str:
     flushed by a thread that a SIGKILL may beat)."""
     return f"""
 import json as _json, os as _os, signal as _signal
-import nbguard.session as _nbs
-from nbguard.session import CellOptions as _CellOptions
+import nbguard.training.session as _nbs
+from nbguard.training.session import CellOptions as _CellOptions
 _guard = _nbs.current().guard(_CellOptions(dir={store!r}, keep=2, every_iter=1, every=3600.0), "crash")
 _events = []
 _kill_at = {kill_at!r}
@@ -1034,8 +1034,8 @@ def drive_trial(launcher: Launcher, emulator: Any, workdir: Path, expected_diges
     """Kill the child at the emulator's k-th request; resume with the same local staging folder (a
     kernel crash) or a fresh one (``vm_loss``: only what reached Drive is left)."""
     from nbguard import Catalog
-    from nbguard.drive import DriveStore, RetryPolicy
-    from nbguard.store import LocalStore, staging_folder
+    from nbguard.stores import LocalStore, staging_folder
+    from nbguard.stores.drive import DriveStore, RetryPolicy
 
     url = "gdrive://nbguard/crash"
     trial = Trial(f"request {k}" + (" + VM loss" if vm_loss else ""))

@@ -1,6 +1,6 @@
 """An HTTP emulator of the Google Drive API v2, for tests and benchmarks.
 
-It speaks what pydrive2 (through googleapiclient) and ``nbguard.drive`` send: files insert
+It speaks what pydrive2 (through googleapiclient) and ``nbguard.stores.drive`` send: files insert
 (metadata only, multipart, media, resumable), get (metadata and ``alt=media`` with ``Range``), list
 with the ``q`` queries pydrive2 builds, patch/update, delete, trash/untrash, ``about``, an OAuth
 token endpoint, and bearer-token checks. File bodies live on disk so that 1 GiB uploads work.
@@ -880,7 +880,7 @@ _RUNNING: dict[int, DriveEmulator] = {}
 
 def emulated_drive_store(tmp_path: os.PathLike[str] | str, url: str = "gdrive://nbguard/contract", **options):
     """A DriveStore on a fresh emulator, for store-contract suites; release it with ``stop_emulated_drive_store``."""
-    from nbguard.drive import DriveStore, RetryPolicy
+    from nbguard.stores.drive import DriveStore, RetryPolicy
 
     emu = DriveEmulator().start()
     options = {"chunk_size": 1 << 20, "retry": RetryPolicy(attempts=5, base_delay=0.001, max_delay=0.005),

@@ -49,11 +49,31 @@ EXPORTED = [
     "unload_ipython_extension",
 ]
 
-# Modules of the notebook layer and the command line: the core must never import them.
-UPPER_LAYERS = ("magics", "ui", "cli")
+# The layers, top to bottom: a module may import its own layer and the layers below it, never
+# one above (docs/ARCHITECTURE.md). format and stores share a level: format reads through the
+# stores' direct-I/O helpers, stores never import format.
+LAYERS = {
+    "base": 0,  # errors, version, humanize
+    "stores": 1,
+    "format": 2,
+    "engine": 3,
+    "training": 4,
+    "notebook": 5,
+    "front": 6,  # the package's __init__, cli, demo
+}
+BASE_MODULES = ("errors", "version", "humanize")
+UPPER_LAYERS = ("notebook", "cli", "demo")  # never loaded by `import nbguard` and a save/restore
 # Optional parts, loaded only on demand (with an install hint when their packages are missing).
-OPTIONAL_PARTS = ("nbguard.drive",)
+OPTIONAL_PARTS = ("nbguard.stores.drive",)
 HEAVY_OPTIONAL = ("IPython", "ipywidgets", "ipykernel", "pydrive2", "googleapiclient", "google.auth", "traitlets")
+
+
+def layer_of(module: str) -> str:
+    """'engine' for nbguard.engine.guard; 'front' for nbguard itself, cli and demo."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("cli", "demo"):
+        return "front"
+    return "base" if parts[1] in BASE_MODULES else parts[1]
 
 
 def test_all_is_exactly_the_curated_list():
@@ -101,7 +121,7 @@ def test_import_nbguard_pulls_in_no_notebook_or_drive_packages():
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     loaded = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY_OPTIONAL)]
     assert loaded == [], f"import nbguard (and a save and restore) loaded {loaded}"
-    upper = [m for m in modules if any(m == f"nbguard.{u}" or m.startswith(f"nbguard.{u}.") for u in UPPER_LAYERS)]
+    upper = [m for m in modules if m.startswith("nbguard.") and (layer_of(m) == "notebook" or m in ("nbguard.cli", "nbguard.demo"))]
     assert upper == []
 
 
@@ -126,37 +146,103 @@ def _imports(tree: ast.AST, module_name: str, *, top_level_only: bool) -> list[t
     return found
 
 
-def _core_modules() -> list[Path]:
-    out = []
+def _modules() -> dict[str, Path]:
+    out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
-        if any(part in UPPER_LAYERS or part.startswith(tuple(f"{u}_" for u in UPPER_LAYERS)) for part in parts):
-            continue
-        out.append(path)
+        out[".".join(("nbguard", *parts)).removesuffix(".__init__")] = path
     return out
 
 
-@pytest.mark.parametrize("path", _core_modules(), ids=lambda p: p.relative_to(PACKAGE).as_posix())
-def test_the_core_never_imports_the_notebook_layer(path):
-    module_name = "nbguard." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+MODULES = _modules()
+
+
+def _runtime_imports(path: Path, module_name: str) -> set[str]:
+    """nbguard modules a module imports at run time (function-level too; not under TYPE_CHECKING)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    # The package's __init__ may import the magics/panel lazily inside the functions that
-    # %load_ext and nbguard.panel() call; everywhere else no import of them at all.
-    top_level_only = path.name == "__init__.py" and path.parent == PACKAGE
-    bad = [(line, target) for line, target in _imports(tree, module_name, top_level_only=top_level_only)
-           if any(target == f"nbguard.{u}" or target.startswith(f"nbguard.{u}.") for u in UPPER_LAYERS)]
-    assert bad == [], f"{module_name} imports the notebook layer: {bad}"
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    name = module_name + ".__init__" if path.name == "__init__.py" else module_name
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only or not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        targets = [t for _, t in _imports(ast.Module(body=[node], type_ignores=[]), name, top_level_only=True)]
+        for target in targets:
+            if any(other.startswith(target + ".") and other in MODULES for other in targets):
+                continue  # `from . import retry`: the module retry, not its package
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and not module_name.startswith(target):  # itself or its own packages
+                found.add(target)
+    return found
+
+
+GRAPH = {name: _runtime_imports(path, name) for name, path in MODULES.items()}
+
+
+@pytest.mark.parametrize("module_name", sorted(MODULES))
+def test_dependencies_point_down_the_layers(module_name):
+    own = layer_of(module_name)
+    up = sorted(t for t in GRAPH[module_name] if LAYERS[layer_of(t)] > LAYERS[own])
+    assert up == [], f"{module_name} ({own}) imports a layer above it: {up}"
+    if own == "stores":
+        assert not [t for t in GRAPH[module_name] if layer_of(t) == "format"], f"{module_name} imports format"
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components over the run-time import graph: none has two modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+def test_the_cycle_check_finds_a_cycle(monkeypatch):
+    monkeypatch.setitem(GRAPH, "nbguard.errors", {"nbguard.engine.guard"})
+    with pytest.raises(AssertionError):
+        test_no_import_cycles()
+
+
+@pytest.mark.parametrize("module_name", sorted(m for m in MODULES if layer_of(m) not in UPPER_LAYERS and m != "nbguard"))
+def test_no_optional_package_at_import_time(module_name):
     if module_name.startswith(OPTIONAL_PARTS):
         return  # an optional part may import its own dependencies; it is itself loaded lazily
-    heavy = [(line, target) for line, target in _imports(tree, module_name, top_level_only=True)
+    tree = ast.parse(MODULES[module_name].read_text())
+    name = module_name + ".__init__" if MODULES[module_name].name == "__init__.py" else module_name
+    heavy = [(line, target) for line, target in _imports(tree, name, top_level_only=True)
              if any(target == h or target.startswith(h + ".") for h in HEAVY_OPTIONAL)]
     assert heavy == [], f"{module_name} imports an optional package at import time: {heavy}"
 
 
 def test_the_scan_sees_imports():
     """The scanner itself: relative, absolute and nested imports are all found."""
-    tree = ast.parse("from . import magics\nimport nbguard.ui\ndef f():\n    from .cli import main\n")
-    found = {t for _, t in _imports(tree, "nbguard.guard", top_level_only=False)}
-    assert {"nbguard.magics", "nbguard.ui", "nbguard.cli.main"} <= found
-    top = {t for _, t in _imports(tree, "nbguard.guard", top_level_only=True)}
+    tree = ast.parse("from .. import cli\nimport nbguard.notebook.panel\ndef f():\n    from ..cli import main\n")
+    found = {t for _, t in _imports(tree, "nbguard.engine.guard", top_level_only=False)}
+    assert {"nbguard.cli", "nbguard.notebook.panel", "nbguard.cli.main"} <= found
+    top = {t for _, t in _imports(tree, "nbguard.engine.guard", top_level_only=True)}
     assert "nbguard.cli.main" not in top

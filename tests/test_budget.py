@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from nbguard.budget import SAFETY, Budget, default_budget, describe_default, machine_age, parse_budget
 from nbguard.errors import UsageError
+from nbguard.training.budget import (
+    SAFETY,
+    Budget,
+    default_budget,
+    describe_default,
+    machine_age,
+    parse_budget,
+)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("11h30m", 41400.0), ("90m", 5400.0), ("2h", 7200.0), ("45s", 45.0),

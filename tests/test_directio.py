@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from nbguard import Guard, LocalStore, load
-from nbguard.blobfile import parse_header
 from nbguard.errors import CorruptSnapshotError, StoreError
-from nbguard.store import TEMP_PREFIX
+from nbguard.format.blobfile import parse_header
+from nbguard.stores import TEMP_PREFIX
 
 MiB = 2**20
 
@@ -143,7 +143,7 @@ def test_restoring_the_latest_good_snapshot_reads_each_entry_once(tmp_path):
 
 def test_a_front_larger_than_a_bounce_buffer_is_written(tmp_path):
     """A header of more than 16 MiB (a state of ~100,000 tensors) goes through a buffer of its own."""
-    from nbguard import directio
+    from nbguard.stores import directio
 
     path = str(tmp_path / "f")
     fd = directio.open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)

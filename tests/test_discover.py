@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from nbguard.discover import Discovery, classify, discover, training_objects, why_not_plain
 from nbguard.errors import UsageError
+from nbguard.training.discover import Discovery, classify, discover, training_objects, why_not_plain
 
 SETUP = """
 import torch

@@ -11,7 +11,8 @@ import types
 import google.auth.credentials
 import pytest
 
-from nbguard.drive import (
+from nbguard.errors import StoreError, UsageError
+from nbguard.stores.drive import (
     API_ROOT_ENV,
     CREDENTIALS_ENV,
     DriveClient,
@@ -19,11 +20,10 @@ from nbguard.drive import (
     RetryPolicy,
     load_credentials,
 )
-from nbguard.drive.client import discovery_document, resolve_api_root
-from nbguard.drive.retry import DriveHTTPError, is_transient
-from nbguard.drive.store import parse_drive_url
-from nbguard.drive.transfer import blocks
-from nbguard.errors import StoreError, UsageError
+from nbguard.stores.drive.client import discovery_document, resolve_api_root
+from nbguard.stores.drive.retry import DriveHTTPError, is_transient
+from nbguard.stores.drive.store import parse_drive_url
+from nbguard.stores.drive.transfer import blocks
 from tests.drive_emulator import DriveEmulator
 
 FAST = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.005)

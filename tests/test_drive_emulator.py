@@ -13,7 +13,7 @@ from googleapiclient.http import MediaIoBaseUpload
 from pydrive2.drive import GoogleDrive
 from pydrive2.files import ApiRequestError
 
-from nbguard.drive import DriveClient, RetryPolicy
+from nbguard.stores.drive import DriveClient, RetryPolicy
 from tests.drive_emulator import FOLDER_MIME, DriveEmulator
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nbguard
-from nbguard.store import open_store
+from nbguard.stores import open_store
 from tests.drive_emulator import DriveEmulator
 
 
@@ -74,9 +74,9 @@ def test_snapshots_reach_drive_verified_and_a_fresh_runtime_restores_them(emulat
 
     # A fresh runtime: nothing local (another staging folder), a new model with other weights.
     monkeypatch.setenv("NBGUARD_STAGING", str(tmp_path / "fresh-staging"))
-    from nbguard import store as store_module
+    from nbguard.stores import registry as store_module
 
-    store_module._staged_stores.clear()
+    store_module.SHARED.staged_stores.clear()
     catalog = nbguard.Catalog(url)
     listed = catalog.snapshots("ft")
     assert [s.position["epoch"] for s in listed] == [2, 1]
@@ -89,7 +89,7 @@ def test_snapshots_reach_drive_verified_and_a_fresh_runtime_restores_them(emulat
     assert ("model", "Sequential") in report.restored
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    store_module._staged_stores.clear()
+    store_module.SHARED.staged_stores.clear()
 
 
 def test_drive_quota_full_is_reported_once_and_training_goes_on(emulator, capfd):
@@ -107,7 +107,7 @@ def test_drive_quota_full_is_reported_once_and_training_goes_on(emulator, capfd)
     err = capfd.readouterr().err
     assert err.count("Google Drive is full") == 1, err
     assert messages == []  # local saves succeeded: nothing wrong with the training side
-    from nbguard import store as store_module
+    from nbguard.stores import registry as store_module
 
-    store_module._staged_stores.clear()
+    store_module.SHARED.staged_stores.clear()
     store.close(1)

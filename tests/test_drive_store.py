@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from nbguard.drive import DriveStore, RetryPolicy
 from nbguard.errors import StoreError
-from nbguard.store import FileInfo, Store
+from nbguard.stores import FileInfo, Store
+from nbguard.stores.drive import DriveStore, RetryPolicy
 from tests.drive_emulator import DriveEmulator
 
 MIB = 1 << 20
@@ -357,8 +357,8 @@ def test_root_and_folder_id_urls(emulator, tmp_path):
 def test_open_store_routes_gdrive_urls_through_local_staging(emulator, monkeypatch, tmp_path):
     import json
 
-    from nbguard.replica import ReplicatedStore
-    from nbguard.store import open_store
+    from nbguard.stores import open_store
+    from nbguard.stores.replica import ReplicatedStore
 
     monkeypatch.setenv("NBGUARD_DRIVE_CREDENTIALS", json.dumps(emulator.authorized_user_info()))
     monkeypatch.setenv("NBGUARD_DRIVE_API_ROOT", emulator.url)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from nbguard import Catalog, Guard, LocalStore, MemoryStore, StoreError
-from nbguard.manifest import manifest_path
-from nbguard.store import TEMP_PREFIX
+from nbguard.format.manifest import manifest_path
+from nbguard.stores import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "faults"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbguard import Guard
-from nbguard.blobfile import blob_path, parse_header
+from nbguard.format.blobfile import blob_path, parse_header
 
 pytestmark = pytest.mark.usefixtures("fixed_rng")
 

@@ -29,8 +29,8 @@ from nbguard import (
     Snapshot,
     SnapshotError,
 )
-from nbguard.blobfile import blob_path, parse_header
-from nbguard.manifest import checksum_of, encode_manifest, manifest_path, parse_manifest
+from nbguard.format.blobfile import blob_path, parse_header
+from nbguard.format.manifest import checksum_of, encode_manifest, manifest_path, parse_manifest
 
 pytestmark = pytest.mark.usefixtures("fixed_rng")
 RUN = "hostile"

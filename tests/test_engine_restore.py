@@ -24,7 +24,7 @@ from torch import nn
 import nbguard
 from nbguard import Guard, RestoreError
 from nbguard.errors import CorruptSnapshotError
-from nbguard.manifest import checksum_of
+from nbguard.format.manifest import checksum_of
 from tests.test_engine_hostile import (
     RUN,
     Live,

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError, leases
-from nbguard.blobfile import BLOB_SUFFIX
-from nbguard.manifest import encode_manifest, manifest_path, new_id
-from nbguard.owner import host_id
+from nbguard import Catalog, Guard, LocalStore, MemoryStore, Policy, SnapshotError, UsageError
+from nbguard.engine import leases
+from nbguard.format.blobfile import BLOB_SUFFIX
+from nbguard.format.manifest import encode_manifest, manifest_path, new_id
+from nbguard.stores.owner import host_id
 
 RUN = "ret"
 

@@ -238,7 +238,7 @@ def test_a_loop_in_installed_code_is_announced(shell, tmp_path, capsys, monkeypa
     snaps = nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots()
     assert snaps and "final" in snaps[0].tags
     # %load_ext never promises a resume the cell will not perform
-    from nbguard.session import current
+    from nbguard.training.session import current
 
     assert "restores its final state without training again" in current().banner()
 

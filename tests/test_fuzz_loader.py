@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nbguard import Catalog, Guard, MemoryStore, NbguardError, Snapshot
-from nbguard.blobfile import BufferReader, blob_path, parse_header, read_entry
-from nbguard.manifest import checksum_of, encode_manifest, manifest_path, parse_manifest
+from nbguard.format.blobfile import BufferReader, blob_path, parse_header, read_entry
+from nbguard.format.manifest import checksum_of, encode_manifest, manifest_path, parse_manifest
 
 pytestmark = [pytest.mark.usefixtures("fixed_rng"), pytest.mark.timeout(120)]
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from nbguard.errors import RestoreError, UsageError
-from nbguard.loops import (
+from nbguard.training.loops import (
     ARM_SIGNAL,
     RESERVED_NAME,
     LoopInfo,
@@ -528,7 +528,7 @@ def test_the_loops_package_imports_neither_ipython_nor_torch() -> None:
               "package = types.ModuleType('nbguard')\n"
               "package.__path__ = [os.path.abspath('nbguard')]\n"
               "sys.modules['nbguard'] = package\n"
-              "import nbguard.loops\n"
+              "import nbguard.training.loops\n"
               "print(sorted(m for m in ('IPython', 'torch', 'numpy') if m in sys.modules))\n")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)

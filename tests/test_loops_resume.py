@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbguard.loops import SKIPPED, LoopRuntime, ResumePlan, SafePoint, instrument_cell
+from nbguard.training.loops import SKIPPED, LoopRuntime, ResumePlan, SafePoint, instrument_cell
 
 SETUP = '''
 import itertools, io, random

@@ -259,7 +259,7 @@ def test_finished_run_run_again_adds_no_second_final_snapshot(shell, capsys):
     run(shell, SETUP)
     run(shell, "%%checkpointed --name r\n" + TRAIN)
     assert "already finished" in capsys.readouterr().out
-    import nbguard.session as sessions
+    import nbguard.training.session as sessions
 
     sessions.current().at_exit()
     snaps = nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")
@@ -342,7 +342,7 @@ def test_load_ext_on_kaggle_shows_the_session_limit_and_cells_get_it(shell, monk
     shell.run_line_magic("load_ext", "nbguard")
     out = capsys.readouterr().out
     assert "Kaggle ends a session after 12 h" in out and "--budget" in out, out
-    import nbguard.session as sessions
+    import nbguard.training.session as sessions
 
     session = sessions.current()
     assert session.budget_for(session.defaults).seconds == 11.5 * 3600
@@ -367,7 +367,7 @@ def test_shutdown_after_only_reading_the_weights_adds_no_second_snapshot(shell):
     run(shell, SETUP)
     assert run(shell, "%%checkpointed --name r\n" + TRAIN).success
     run(shell, "digest = sum(float(v.numpy().sum()) for v in model.state_dict().values())")
-    import nbguard.session as sessions
+    import nbguard.training.session as sessions
 
     sessions.current().at_exit()
     snaps = nbguard.Catalog(os.environ["NBGUARD_DIR"]).snapshots("r")
@@ -393,16 +393,16 @@ def test_budget_waits_until_the_last_snapshot_is_verified_in_drive(shell, tmp_pa
         slow = TRAIN.replace("total += 1", "total += 1; time.sleep(0.05)")
         refused(run(shell, f"%%checkpointed --dir {url} --name r --every 1h --every-iter 1 --budget 1.5s\n" + slow),
                 "time budget")
-        import nbguard.session as sessions
+        import nbguard.training.session as sessions
 
         newest = sessions.current().guards[(url, "r")].catalog.snapshots("r")[0]
         assert "budget" in newest.tags and newest.state == "verified", (newest.tags, newest.state)
     finally:
-        from nbguard import store as store_module
+        from nbguard.stores import registry as store_module
 
-        for store in store_module._staged_stores.values():
+        for store in store_module.SHARED.staged_stores.values():
             store.close(5)
-        store_module._staged_stores.clear()
+        store_module.SHARED.staged_stores.clear()
         emulator.stop()
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import nbguard
-from nbguard.manifest import encode_manifest, manifest_path, new_id, parse_manifest
-from nbguard.ui import model
-from nbguard.ui.chart import chart_svg, nice_ticks
+from nbguard.format.manifest import encode_manifest, manifest_path, new_id, parse_manifest
+from nbguard.notebook.panel import model
+from nbguard.notebook.panel.chart import chart_svg, nice_ticks
 
 pytest.importorskip("ipywidgets")
 
@@ -77,7 +77,7 @@ def rows_in(html: str) -> int:
 # -- what it shows ----------------------------------------------------------------------------------
 def test_rows_grouped_by_run_with_badges_and_header(store):
     folder, guard = store
-    from nbguard.ui import Panel
+    from nbguard.notebook.panel import Panel
 
     p = nbguard.panel(folder, namespace={}, guard=guard)
     assert isinstance(p, Panel) and p.widget._repr_mimebundle_() is not None
@@ -409,7 +409,7 @@ def test_model_formats_and_ranks():
 
 
 def test_best_is_never_an_accumulator():
-    from nbguard import metric_names
+    from nbguard.training import metric_names
 
     snaps = [info(1, total=1033.0, running=3.2), info(2, total=1200.0, running=2.9), info(3, total=1500.0, running=2.1)]
     assert all("best" not in marks for marks in model.badges(snaps).values())  # no --best, no named metric
@@ -438,7 +438,7 @@ def test_chart_handles_none_one_many_and_nan():
 
 
 def test_import_nbguard_stays_free_of_notebook_packages():
-    code = ("import sys, nbguard, nbguard.ui.model, nbguard.ui.chart; "
+    code = ("import sys, nbguard, nbguard.notebook.panel.model, nbguard.notebook.panel.chart; "
             "bad = [m for m in ('ipywidgets', 'IPython') if m in sys.modules]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
 

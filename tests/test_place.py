@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from nbguard.place import (
+from nbguard.stores.place import (
     AUTO,
     NotebookIdentity,
     Place,
@@ -269,7 +269,7 @@ def test_inside_a_real_jupyter_kernel(tmp_path):
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
         code = (f"import sys; sys.path.insert(0, {repo!r})\n"
-                "from nbguard.place import detect_platform, notebook_identity, default_location\n"
+                "from nbguard.stores.place import detect_platform, notebook_identity, default_location\n"
                 "p = detect_platform(); i = notebook_identity(); print(p, i.name, default_location(p, i).path)")
         reply = kc.execute_interactive(code, timeout=60, output_hook=out.append)
     finally:
@@ -281,7 +281,7 @@ def test_inside_a_real_jupyter_kernel(tmp_path):
 
 
 def test_name_from_the_training_cell_survives_edits_of_bounds_and_prints():
-    from nbguard.place import name_from_cell
+    from nbguard.stores.place import name_from_cell
 
     cell = "for epoch in range(5):\n    for x, y in loader:\n        step(x, y)\n"
     edited = "lr = 3e-4\nfor epoch in range(8):\n    print(epoch)\n    for x, y in loader:\n        step(x, y)\n"
@@ -295,7 +295,7 @@ def test_name_from_the_training_cell_survives_edits_of_bounds_and_prints():
                                             ("/content/drive/MyDrive/runs", None), ("/content/runs", None),
                                             ("/home/me/drvie", None)])
 def test_a_mistyped_drive_path_is_recognised(path, typo):
-    from nbguard.place import judge_location, mistyped_drive
+    from nbguard.stores.place import judge_location, mistyped_drive
 
     assert mistyped_drive(path) == typo
     place = judge_location(path, "colab", {})

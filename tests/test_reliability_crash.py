@@ -123,7 +123,7 @@ def _weight_flip(folder: Path, listed) -> str:
 
 
 def _manifest_half(folder: Path, listed) -> str:
-    from nbguard.manifest import manifest_path
+    from nbguard.format.manifest import manifest_path
 
     ch.halve(folder / manifest_path(ch.RUN, listed[0].id))
     return "manifest cut in half"
@@ -322,7 +322,7 @@ def test_uploads_cut_short_by_a_kill_reach_drive_after_the_restart(launcher, ref
     assert again.wait() == 0
     report = ch.Report.parse(again.output())
     assert report.digest == plain and report.resumed and report.resumed[1] == ch.STEPS
-    from nbguard.drive import DriveStore
+    from nbguard.stores.drive import DriveStore
 
     remote = DriveStore("gdrive://nbguard/crash", credentials=emulator.authorized_user_info(), api_root=emulator.url,
                         cache_dir=str(tmp_path / "cache"))

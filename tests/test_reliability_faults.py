@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from nbguard import Catalog, Guard, LocalStore, StoreError
-from nbguard.store import TEMP_PREFIX
+from nbguard.stores import TEMP_PREFIX
 from tests import crash_harness as ch
 
 RUN = "faults"
@@ -268,7 +268,7 @@ def test_a_folder_that_refuses_writes_is_reported_once_and_saving_recovers(tmp_p
 def test_a_mount_folder_renamed_away_mid_run_is_reported_once_and_copying_resumes(tmp_path, monkeypatch, capfd):
     """A replicated store (local staging, copied to a mounted folder): the mount's folder is renamed away
     while training goes on, then comes back; nothing is recreated under the dropped mount."""
-    from nbguard.store import open_store
+    from nbguard.stores import open_store
 
     mnt = tmp_path / "mnt"
     (mnt / "store").mkdir(parents=True)
@@ -330,7 +330,7 @@ def test_storage_slower_than_the_save_cadence_coalesces_saves_without_queueing(s
     """--every 0.1s against a store whose every write sleeps 1 s (2 s a save: blob and manifest): saves
     coalesce (at most one per second, none queued), staging memory stays one copy of the state, and the
     training loop is not slowed down."""
-    from nbguard.session import CellOptions
+    from nbguard.training.session import CellOptions
 
     shell.run_cell("import time\n" + SHELL_SETUP)
     session = ch.current_session()
@@ -396,8 +396,8 @@ def emulator():
 
 
 def drive_store(emulator, tmp_path, reports):
-    from nbguard.drive import DriveStore, RetryPolicy
-    from nbguard.replica import ReplicatedStore
+    from nbguard.stores.drive import DriveStore, RetryPolicy
+    from nbguard.stores.replica import ReplicatedStore
 
     remote = DriveStore("gdrive://nbguard/faults", credentials=emulator.authorized_user_info(), api_root=emulator.url,
                         retry=RetryPolicy(attempts=3, base_delay=0.005, max_delay=0.02),
@@ -463,8 +463,8 @@ def test_credentials_and_tokens_never_reach_snapshots_logs_or_errors(shell, tmp_
     import logging
     import traceback
 
-    import nbguard.store
-    from nbguard.drive import DriveStore
+    import nbguard.stores
+    from nbguard.stores.drive import DriveStore
     from tests.drive_emulator import DriveEmulator
 
     caplog.set_level(logging.DEBUG)
@@ -492,7 +492,7 @@ def test_credentials_and_tokens_never_reach_snapshots_logs_or_errors(shell, tmp_
             shell.run_line_magic("nbguard", f"drive {folder}")
             result = shell.run_cell("%%checkpointed --every-iter 1 --name secret\n" + SECRET_CELL)
             assert result.success, result.error_in_exec
-            store = nbguard.store._staged_stores[url]
+            store = nbguard.stores.registry.SHARED.staged_stores[url]
             assert store.flush(60), "the snapshots did not reach Drive"
             shell.run_line_magic("nbguard", "status")
             shell.run_line_magic("nbguard", "list")
@@ -508,7 +508,7 @@ def test_credentials_and_tokens_never_reach_snapshots_logs_or_errors(shell, tmp_
             errors += ["".join(traceback.format_exception(failing.value)), repr(failing.value)]
             assert "refresh" in errors[0] and "NBGUARD_DRIVE_CREDENTIALS" in errors[0], errors[0]
         finally:
-            store = nbguard.store._staged_stores.pop(url, None)
+            store = nbguard.stores.registry.SHARED.staged_stores.pop(url, None)
             if store is not None:
                 store.close(2)
         drive_files = [(f["title"], emu.content(f["id"])) for f in emu.files() if "fileSize" in f]

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 import pytest
 
 from nbguard.errors import StoreError
-from nbguard.replica import (
+from nbguard.stores import Buffer, LocalStore, MemoryStore, Progress, Store, describe_os_error
+from nbguard.stores.replica import (
     FAILED,
     LOCAL,
     MISSING,
@@ -25,8 +26,7 @@ from nbguard.replica import (
     VERIFIED,
     ReplicatedStore,
 )
-from nbguard.replica_remote import REMOUNT_FIX, infer_remote_kind, mount_anchor
-from nbguard.store import Buffer, LocalStore, MemoryStore, Progress, Store, describe_os_error
+from nbguard.stores.replica.remote import REMOUNT_FIX, infer_remote_kind, mount_anchor
 
 FAST = dict(retry_interval=0.02, max_retry_interval=0.1, listing_ttl=0.0)
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from nbguard import Catalog, Guard, LocalStore, UsageError, leases
-from nbguard import catalog as catalog_module
-from nbguard.blobfile import BLOB_SUFFIX, blob_path
+from nbguard import Catalog, Guard, LocalStore, UsageError
 from nbguard.cli import main as cli
+from nbguard.engine import catalog as catalog_module
+from nbguard.engine import leases
 from nbguard.errors import NbguardError, StoreError
-from nbguard.manifest import (
+from nbguard.format.blobfile import BLOB_SUFFIX, blob_path
+from nbguard.format.manifest import (
     MAX_ENTRIES,
     check_run_name,
     encode_manifest,
@@ -28,7 +29,7 @@ from nbguard.manifest import (
     new_id,
     parse_manifest,
 )
-from nbguard.owner import host_id
+from nbguard.stores.owner import host_id
 
 RUN = "bounds"
 
@@ -403,7 +404,7 @@ def test_snapshots_say_which_writer_and_lineage_they_come_from(tmp_path):
 def test_a_resume_says_so_when_two_kernels_saved_one_run_at_the_same_time(tmp_path):
     """The issue's probe: two kernels of one notebook in one folder, both killed, then resumed. The
     resume takes the newest snapshot and says whose it is, and how to take the other one."""
-    from nbguard.resume_choice import choose
+    from nbguard.training.resume_choice import choose
 
     root = tmp_path / "store"
     a = Guard(LocalStore(root), run=RUN, report=None)
@@ -475,7 +476,7 @@ def test_a_blob_moved_aside_by_a_deleter_that_died_is_put_back_if_a_snapshot_use
 def test_gc_on_an_fsspec_store_removes_the_leftovers_of_gone_writers_only():
     from uuid import uuid4
 
-    from nbguard.store import FsspecStore
+    from nbguard.stores import FsspecStore
 
     store = FsspecStore(f"memory://bounds-{uuid4().hex[:8]}")
     gone, elsewhere = f".tmp-{host_id()}-{dead_pid()}-0badc0de-blob", ".tmp-ffffffff-1-0badc0de-blob"

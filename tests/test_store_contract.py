@@ -12,7 +12,7 @@ from torch import nn
 
 import nbguard
 from nbguard import Guard, LocalStore, MemoryStore, Store, StoreError, UsageError, open_store
-from nbguard.store import FsspecStore, check_relative
+from nbguard.stores import FsspecStore, check_relative
 
 UNSAFE = ["../escape", "/etc/passwd", "a/../../b", "a/./b", "a//b", "a\\b", "", "a/", "..", ".", "a/\0b"]
 

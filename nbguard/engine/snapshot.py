@@ -1,0 +1,300 @@
+"""Reading a snapshot back: its manifest, and lazy, verified access to its tensors.
+
+Nothing here trusts the snapshot: every tensor's layout is checked against its storage and its
+blob's header before a byte is read, and every byte against its hash as it arrives. Restoring
+into live objects is ``restoring.restore``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from ..errors import CorruptSnapshotError
+from ..format.blobfile import (
+    DTYPE_CODES,
+    BlobHeader,
+    blob_path,
+    check_entry,
+    dtype_from_name,
+    open_reader,
+    read_entry,
+    read_entry_into,
+    read_header,
+)
+from ..format.codec import decode, tensor_refs
+from ..format.manifest import info_from
+from ..humanize import size as human_size
+from ..stores import Store
+from .fit import Placeholder
+from .report import ProgressFn, RestoreReport
+
+
+class Snapshot:
+    """One snapshot in a store: its manifest, and lazy, verified access to its tensors."""
+
+    def __init__(self, store: Store, manifest: dict[str, Any], *, pinned: bool = False, state: str = "local"):
+        self.store = store
+        self.manifest = manifest
+        self.info = info_from(manifest, pinned=pinned, state=state)
+        self._blobs: dict[str, tuple[Any, BlobHeader]] = {}  # open readers
+        self._headers: dict[str, BlobHeader] = {}  # parsed headers, kept when the readers close
+        self._storages: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._verified: set[str] = set()  # storage keys whose bytes matched their hash (not kept)
+        self._layout: dict[str, tuple[int, int, int, dict[str, Any]]] | None = None
+        self._entries_ok: set[str] = set()  # storage keys whose blob entry was checked against the manifest
+        self._handed_out = False  # whether tensors of the caches were given out (state_dict, tensor)
+
+    def __repr__(self) -> str:
+        return f"<Snapshot {self.info.id} run={self.info.run!r} {self.info.label or ''} {human_size(self.info.size)}>"
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.info.metrics
+
+    @property
+    def position(self) -> Any:
+        return self.info.position
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.manifest["objects"])
+
+    # -- reading ----------------------------------------------------------------------------
+    def _blob(self, name: str) -> tuple[Any, BlobHeader]:
+        if name not in self._blobs:
+            reader = open_reader(self.store, blob_path(name))
+            try:
+                known = self._headers.get(name)
+                if known is None or reader.pread(0, len(known.header_bytes)) != known.header_bytes:
+                    known = self._headers[name] = read_header(reader, expected_name=name)
+                self._blobs[name] = (reader, known)
+            except BaseException:
+                reader.close()
+                raise
+        return self._blobs[name]
+
+    def _entry(self, key: str) -> tuple[Any, BlobHeader, str]:
+        """(reader, blob header, entry name) of the stored bytes of one storage, checked against
+        the manifest and against the tensors laid on it (reads the blob's header only)."""
+        spec = self.manifest["storages"][key]
+        reader, header = self._blob(spec["blob"])
+        entry = header.entries.get(spec["entry"])
+        if entry is None or entry.nbytes != spec["nbytes"] or entry.hash != spec["hash"]:
+            raise CorruptSnapshotError(f"snapshot {self.id}: blob {spec['blob'][:12]}… lacks entry {spec['entry']!r}")
+        if key in self._entries_ok:
+            return reader, header, spec["entry"]
+        begin, end, users, first = self._storage_layout().get(key, (0, 0, 0, None))
+        if entry.nbytes and (begin != 0 or end != entry.nbytes):
+            # nbguard stores exactly the bytes its tensors cover: more would be read for nothing
+            raise CorruptSnapshotError(f"snapshot {self.id}: storage {key!r} holds {entry.nbytes} bytes but its "
+                                       f"tensors cover bytes {begin}-{end}")
+        if entry.code != "U8":  # a storage of one plain tensor is stored with that tensor's dtype and shape
+            if users != 1 or DTYPE_CODES.get(_dtype_or_none(first["dtype"])) != entry.code \
+                    or tuple(first["shape"]) != entry.shape:
+                raise CorruptSnapshotError(f"snapshot {self.id}: blob entry {spec['entry']!r} is {entry.code} "
+                                           f"{list(entry.shape)}, which is not the tensor the manifest lays on it")
+        self._entries_ok.add(key)
+        return reader, header, spec["entry"]
+
+    def _storage_layout(self) -> dict[str, tuple[int, int, int, dict[str, Any]]]:
+        """For each storage: the first and last byte its tensors reach, how many tensors use it, and
+        the first one's spec (from the manifest alone)."""
+        if self._layout is None:
+            layout: dict[str, tuple[int, int, int, dict[str, Any]]] = {}
+            for key, spec in self.manifest["tensors"].items():
+                begin = spec["byte_offset"]
+                end = begin + self._reach(key, spec)
+                low, high, users, first = layout.get(spec["storage"], (begin, end, 0, spec))
+                layout[spec["storage"]] = (min(low, begin), max(high, end), users + 1, first)
+            self._layout = layout
+        return self._layout
+
+    def _reach(self, key: str, spec: dict[str, Any]) -> int:
+        """Bytes from a tensor's first element to the end of its last."""
+        shape, stride = spec["shape"], spec["stride"]
+        if math.prod(d for d in shape if d) >= 2**62:
+            raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} has an absurd shape {shape}")
+        if not math.prod(shape):
+            return 0
+        itemsize = dtype_from_name(spec["dtype"]).itemsize
+        return (sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1) * itemsize
+
+    def storage(self, key: str, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The verified bytes of one storage, as a uint8 tensor in memory of its own."""
+        if key not in self._storages:
+            self._storages[key] = read_entry(*self._entry(key), progress)
+            self._verified.add(key)
+        return self._storages[key]
+
+    def read_into(self, key: str, target: torch.Tensor, progress: Callable[[int], None] | None = None) -> None:
+        """Read one storage's bytes straight into ``target`` (a contiguous CPU tensor of exactly its
+        size), hashing them as they arrive; CorruptSnapshotError (after the bytes landed) if they
+        do not match."""
+        from ..stores.directio import byte_view
+
+        read_entry_into(*self._entry(key), byte_view(target), progress)
+
+    def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
+        """Check one storage's bytes against their hash through a small reused buffer."""
+        if key not in self._verified:
+            check_entry(*self._entry(key), progress)
+            self._verified.add(key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
+        memory when saved share it again."""
+        self._handed_out = True
+        return self._tensor(key)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if key not in self._tensors:
+            spec = self._spec(key)
+            self._tensors[key] = self._view(key, spec)
+        return self._tensors[key]
+
+    def _spec(self, key: str) -> dict[str, Any]:
+        spec = self.manifest["tensors"].get(key)
+        if spec is None:
+            raise CorruptSnapshotError(f"snapshot {self.id} refers to a missing tensor {key!r}")
+        return spec
+
+    def placeholder(self, key: str) -> Placeholder:
+        """A tensor's dtype, shape and place, checked against its storage and blob header, unread."""
+        spec = self._spec(key)
+        dtype = dtype_from_name(spec["dtype"])
+        if spec["byte_offset"] + self._reach(key, spec) > self.manifest["storages"][spec["storage"]]["nbytes"]:
+            raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} reaches past its stored bytes")
+        self._entry(spec["storage"])
+        return Placeholder(key, spec, dtype)
+
+    def _view(self, key: str, spec: dict[str, Any]) -> torch.Tensor:
+        dtype = dtype_from_name(spec["dtype"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shape, stride, offset = spec["shape"], spec["stride"], spec["byte_offset"]
+        needed = self._reach(key, spec)
+        data = self.storage(spec["storage"])
+        if offset + needed > data.numel():
+            raise CorruptSnapshotError(f"snapshot {self.id}: tensor {key!r} reaches past its stored bytes")
+        raw = data[offset: offset + needed]
+        if (raw.data_ptr() % itemsize) if needed else False:
+            raw = raw.clone()
+        typed = raw.view(dtype) if needed else torch.empty(0, dtype=dtype)
+        return typed.as_strided(shape, stride, typed.storage_offset()) if needed else torch.empty(shape, dtype=dtype)
+
+    def _decode(self, tree: Any) -> Any:
+        """Check a tree without reading tensor bytes: tensors (and arrays) decode to ``Placeholder``s."""
+        return decode(tree, self.placeholder)
+
+    def _materialize(self, tree: Any, source: Callable[[str], torch.Tensor] | None = None) -> Any:
+        """A tree with its tensors read (verified) from the store, or taken from ``source``."""
+        return decode(tree, source or self._tensor)
+
+    def tree(self, name: str) -> dict[str, Any]:
+        obj = self.manifest["objects"].get(name)
+        if obj is None:
+            raise KeyError(f"snapshot {self.id} holds no {name!r}; it holds {', '.join(self.names)}")
+        return obj
+
+    def state_dict(self, name: str) -> Any:
+        """The saved state_dict of an object (or the saved value of a plain variable)."""
+        self._handed_out = True
+        try:
+            self._decode(self.tree(name)["tree"])  # every layout checked before the first byte is read
+            return self._materialize(self.tree(name)["tree"])
+        finally:
+            self._close_readers()
+
+    value = state_dict
+
+    def verify(self, progress: ProgressFn | None = None) -> None:
+        """Check every byte of the snapshot against its hash; CorruptSnapshotError if any fails.
+        Reads through one small reused buffer: nothing is kept in memory."""
+        try:
+            self._load(self.manifest["storages"], progress)
+        finally:
+            self._forget()
+
+    def _load(self, storage_keys: Iterable[str], progress: ProgressFn | None) -> None:
+        """Check the bytes of these storages against their hashes, keeping none of them (a restore
+        that follows reads them again, from the page cache, into their final memory)."""
+        keys = list(dict.fromkeys(storage_keys))
+        total = sum(self.manifest["storages"][k]["nbytes"] for k in keys)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        try:
+            for key in keys:
+                self._entry(key)
+            for key in keys:
+                self.check(key, advance if progress else None)
+        finally:
+            self._close_readers()
+
+    def storage_keys_of(self, names: Iterable[str]) -> list[str]:
+        keys = []
+        for name in names:
+            for ref in tensor_refs(self.tree(name)["tree"]):
+                keys.append(self._spec(ref)["storage"])
+        return keys
+
+    # -- restoring --------------------------------------------------------------------------
+    def restore(
+        self,
+        objects: Mapping[str, Any] | None = None,
+        *,
+        namespace: MutableMapping[str, Any] | None = None,
+        only: Iterable[str] | None = None,
+        rng: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> RestoreReport:
+        """Restore into live objects (looked up in ``objects``, then ``namespace``), all or nothing.
+
+        Every name, shape, dtype and hash is checked before the first live byte changes; tensors of
+        models and optimizers are read straight into their own memory. If anything fails (also a
+        ``load_state_dict`` that raises), every object, RNG and namespace value is as it was before.
+        A dtype change is refused (nbguard never converts silently). Plain values are assigned into
+        ``namespace`` when given (never over ``__builtins__``, ``__names`` or modules:
+        those are skipped and listed in the report's ``notes``) and returned in ``values`` either way.
+        """
+        from .restoring import restore
+
+        return restore(self, objects or {}, namespace=namespace, only=only, rng=rng, progress=progress)
+
+    def _close_readers(self) -> None:
+        for reader, _ in self._blobs.values():
+            reader.close()
+        self._blobs.clear()
+
+    def _forget(self) -> None:
+        self._handed_out = False
+        self._close_readers()
+        self._storages.clear()
+        self._tensors.clear()
+        self._verified.clear()
+        self._entries_ok.clear()
+
+    def _rng_storage_keys(self, rng: bool) -> list[str]:
+        if not rng or self.manifest["rng"] is None:
+            return []
+        return [self.manifest["tensors"][ref]["storage"] for ref in tensor_refs(self.manifest["rng"])
+                if ref in self.manifest["tensors"]]
+
+
+def _dtype_or_none(name: str) -> torch.dtype | None:
+    try:
+        return dtype_from_name(name)
+    except CorruptSnapshotError:
+        return None
