@@ -18,7 +18,7 @@ from torch import nn
 
 import nbguard
 from nbguard.format.manifest import encode_manifest, manifest_path, new_id, parse_manifest
-from nbguard.notebook.panel import model
+from nbguard.notebook.panel import action_text, model
 from nbguard.notebook.panel.chart import chart_svg, nice_ticks
 
 pytest.importorskip("ipywidgets")
@@ -400,8 +400,8 @@ def test_model_formats_and_ranks():
     assert model.storage_label("written, sync pending", "replicated")[0] == "written, sync pending"
     assert model.storage_label("uploading", "replicated")[0] == "uploading"
     assert model.writer_status(True, None, None)[0].startswith("writing")
-    assert model.rng_streams({"rng": {"$dict": [["python", []], ["torch", {"$tensor": "rng/torch"}]]}}) == ["python", "torch"]
-    assert model.module_names({"m": {"kind": "stateful", "type": "__main__.Net", "tree": {"$dict": [["w", {"$tensor": "k"}]]}},
+    assert action_text.rng_streams({"rng": {"$dict": [["python", []], ["torch", {"$tensor": "rng/torch"}]]}}) == ["python", "torch"]
+    assert action_text.module_names({"m": {"kind": "stateful", "type": "__main__.Net", "tree": {"$dict": [["w", {"$tensor": "k"}]]}},
                                "opt": {"kind": "stateful", "type": "torch.optim.adam.Adam", "tree": {}},
                                "h": {"kind": "value", "type": "builtins.list", "tree": []}}) == ["m"]
     assert "&lt;b&gt;" in model.table_html([model.make_row(info(1, run="r"), 1, (), time.time())],
@@ -448,3 +448,29 @@ def test_manifest_clone_helper_writes_valid_manifests(store):
     ids = clone_snapshots(folder, 3)
     assert all(json.loads(nbguard.open_store(folder).read(manifest_path(r, i)))["id"] == i
                for r, i in zip(("side", "long", "long"), ids, strict=True))
+
+
+def test_the_controller_works_without_ipywidgets():
+    code = """
+import sys
+import torch
+import nbguard
+from nbguard.notebook.panel.controller import PanelController
+
+store = nbguard.MemoryStore("controller-test")
+guard = nbguard.Guard(store, run="r", report=None)
+weights = torch.nn.Linear(2, 2)
+info = guard.save({"model": weights, "step": 1}, wait=True)
+ns = {"model": torch.nn.Linear(2, 2)}
+c = PanelController(nbguard.Catalog(store), namespace=ns, guard=guard)
+assert c.selected == info.id and len(c.rows) == 1, c.status_text
+assert c.pin().pinned and "Pinned" in c.status_text
+plan = c.restore()
+assert plan.created == ("step",) and c.form == "confirm" and c.question.action == "restore"
+report = c.confirm()
+assert report.restored and ns["step"] == 1 and c.status_tone == "ok", c.status_text
+assert torch.equal(ns["model"].weight, weights.weight) and "nbguard-report" in c.result_html
+c.close()
+assert "ipywidgets" not in sys.modules and "IPython" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

@@ -11,6 +11,7 @@ import shlex
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
@@ -39,6 +40,13 @@ class NbguardMagics(Magics):
         super().__init__(shell)
         self.session = session
         self._cell_runs: dict[str, str] = {}
+
+    @property
+    def _shell(self) -> InteractiveShell:
+        """The shell these magics are registered on (``Magics.shell`` may be None; here it never is)."""
+        if self.shell is None:
+            raise UsageError("the nbguard magics are not registered on an IPython shell")
+        return self.shell
 
     @magic_arguments()
     @argument("--every", default=None, help="save on a timer, e.g. 30s, 10m, 1h (default 5m)")
@@ -88,13 +96,13 @@ class NbguardMagics(Magics):
                                     "(e.g. --every 10m --keep 3)") from None
         try:
             options = self._options(args)
-            source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
+            source = self._shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
             if options.dir is None and (named := self.session.name_notebook_from_cell(source)):
                 print(f"nbguard: {named}", flush=True)
             run = options.name or self._run_name(cell)
-            guarded = CheckpointedCell(source, self.shell.user_ns, options, self.session, run=run,
+            guarded = CheckpointedCell(source, self._shell.user_ns, options, self.session, run=run,
                                        filename=self._filename())
-            if args.dir is not None:  # once the place is known to work
+            if args.dir is not None and options.dir is not None:  # once the place is known to work
                 self._announce_dir(options.dir)
         except NbguardError as exc:
             raise IPythonUsageError(f"nbguard: {exc}") from None
@@ -151,7 +159,7 @@ class NbguardMagics(Magics):
         return self._cell_runs[key]
 
     def _filename(self) -> str:
-        return f"<checkpointed-{self.shell.execution_count}>"
+        return f"<checkpointed-{self._shell.execution_count}>"
 
     @line_magic
     def nbguard(self, line: str) -> Any:
@@ -235,7 +243,7 @@ class NbguardMagics(Magics):
         location = rest[0] if rest else self.session.default_dir
         cell = self.session.running_cell or self.session.last_cell
         best = cell.options.best if cell is not None and cell.options.best else self.session.defaults.best
-        return open_panel(location, namespace=self.shell.user_ns, guard=self.session.active_guard(),
+        return open_panel(location, namespace=self._shell.user_ns, guard=self.session.active_guard(),
                           place_text=self.session.place_sentence(location),
                           on_restore=self.session.on_panel_restore, best_metric=":".join(best) if best else None)
 

@@ -1,7 +1,10 @@
 """The snapshot panel behind ``nbguard.panel(...)`` and ``%nbguard panel``.
 
-``model`` and ``chart`` are UI-free (plain data, HTML and SVG strings); only ``widget`` imports
-ipywidgets, and only when a panel is opened, so ``import nbguard.notebook.panel.model`` stays light.
+Everything but ``widget`` is UI-free: ``controller`` (the actions, over a ``Catalog``), ``listing``
+(the list on screen), ``live`` (store events into refreshes), ``model``, ``action_text`` and ``chart``
+(plain data, HTML and SVG strings). Only ``widget`` imports ipywidgets, and only when a panel is
+opened, so ``import nbguard.notebook.panel.controller`` stays light. ``open_panel`` picks the
+catalog and the namespace (IPython's) a panel works on.
 """
 
 from __future__ import annotations
@@ -41,10 +44,34 @@ def open_panel(
     store's URL). ``best_metric``: what the 'best' badge follows ('val_loss', 'acc:max'; default:
     each run's first metric).
     """
-    from .widget import open_panel as _open_panel
+    from .widget import Panel
 
-    return _open_panel(location, run=run, namespace=namespace, guard=guard, on_restore=on_restore,
-                       page_size=page_size, place_text=place_text, best_metric=best_metric)
+    return Panel(_catalog_for(location, guard), run=run,
+                 namespace=namespace if namespace is not None else _kernel_namespace(), guard=guard,
+                 on_restore=on_restore, page_size=page_size, place_text=place_text, best_metric=best_metric)
+
+
+def _catalog_for(location: Catalog | Store | str | os.PathLike[str] | None, guard: Guard | None) -> Catalog:
+    from ...engine.catalog import Catalog
+    from ...stores import open_store
+
+    if isinstance(location, Catalog):
+        return location
+    if location is None:
+        return guard.catalog if guard is not None else Catalog()  # this notebook's default folder
+    store = open_store(location)
+    if guard is not None and store.url == guard.store.url:
+        return guard.catalog  # the Guard's own catalog hears its saves
+    return Catalog(store)
+
+
+def _kernel_namespace() -> MutableMapping[str, Any] | None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return shell.user_ns if shell is not None else None
 
 
 def __getattr__(name: str) -> Any:

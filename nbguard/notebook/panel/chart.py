@@ -31,7 +31,7 @@ def nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step) * step
-    ticks = []
+    ticks: list[float] = []
     value = first
     while value < hi + step * 0.999 and len(ticks) < 12:
         ticks.append(round(value, 12))
