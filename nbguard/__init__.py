@@ -13,7 +13,9 @@ or, by hand::
 
 from __future__ import annotations
 
-from .engine.catalog import Catalog, Comparison, GcReport
+from .engine.catalog import Catalog
+from .engine.collect import GcReport
+from .engine.compare import Comparison
 from .engine.guard import Guard, SaveStats, load
 from .engine.report import RestoreReport
 from .engine.retention import Policy

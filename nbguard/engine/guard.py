@@ -252,7 +252,7 @@ class Guard:
             self._report("saving works again")
         self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
         self._last_manifest = manifest
-        info = info_from(manifest, state=self.catalog._state(path))
+        info = info_from(manifest, state=self.catalog.state_of(path))
         self.last_error = None
         self.last_saved = info
         self.last_stats = replace(stats, written_bytes=written, durable_after=time.perf_counter() - started)
