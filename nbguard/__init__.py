@@ -13,10 +13,13 @@ or, by hand::
 
 from __future__ import annotations
 
-from .engine.catalog import Catalog, Comparison, GcReport
-from .engine.guard import Guard, SaveStats, load
+from .engine.catalog import Catalog
+from .engine.collect import GcReport
+from .engine.compare import Comparison
+from .engine.guard import Guard, load
 from .engine.report import RestoreReport
 from .engine.retention import Policy
+from .engine.saving import SaveStats
 from .engine.snapshot import Snapshot
 from .engine.weights import load_weights
 from .engine.writer import SaveHandle

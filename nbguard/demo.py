@@ -47,7 +47,7 @@ def _train(mode: str, folder: str, out: str) -> None:
     start = 0
     guard = Guard(folder, run="demo", keep=3, report=None) if mode != "reference" else None
     state = {"model": model, "opt": opt, "sched": sched, "history": history}
-    if mode == "resume":
+    if mode == "resume" and guard is not None:
         report = guard.restore(state)
         history = report.values["history"]
         state["history"] = history

@@ -15,7 +15,6 @@ happen on one background thread, and storage trouble is reported, never raised i
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import re
@@ -23,14 +22,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import NbguardError, StaleCaptureError, StoreError, UsageError
-from ..format.blobfile import Item, blob_path, hash_bytes, write_blob
+from ..errors import NbguardError, StaleCaptureError, UsageError
 from ..format.codec import encode
 from ..format.manifest import (
     FORMAT,
@@ -39,20 +37,30 @@ from ..format.manifest import (
     check_run_name,
     encode_manifest,
     info_from,
-    is_metric,
     manifest_path,
     new_id,
 )
 from ..format.manifest import writer_id as new_writer_id
 from ..stores import Store
 from ..version import __version__
-from . import leases
 from .capture import capture
 from .catalog import Catalog
 from .report import RestoreReport
 from .retention import Policy
+from .saving import (
+    SaveStats,
+    check_lineage,
+    check_metrics,
+    check_tags,
+    default_lineage,
+    no_tensors,
+    release_lease,
+    same_state,
+    stale_message,
+    write_under_lease,
+)
 from .snapshot import Snapshot
-from .staging import StagedSnapshot, StagingArea, StoredEntry
+from .staging import StagedSnapshot, StagingArea
 from .writer import SaveHandle, Writer
 
 Reporter = Callable[[str], None]
@@ -61,18 +69,6 @@ Reporter = Callable[[str], None]
 def print_report(message: str) -> None:
     """The default reporter: one line on stderr."""
     print(f"nbguard: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class SaveStats:
-    """Figures of one save."""
-
-    stall: float  # seconds the caller was blocked
-    staged_bytes: int
-    reused_bytes: int
-    written_bytes: int = 0
-    durable_after: float = 0.0  # seconds from the call until the manifest was committed
-    streaming: bool = False
 
 
 class Guard:
@@ -101,7 +97,7 @@ class Guard:
         self.policy = Policy(keep=keep, best_metric=best[0] if best else None,
                              best_mode=best[1] if best else "min", best_k=keep_best)
         self.writer_id = new_writer_id()
-        self.lineage = default_lineage() if lineage is None else _check_lineage(lineage)
+        self.lineage = default_lineage() if lineage is None else check_lineage(lineage)
         self.parent: str | None = None  # the snapshot the live state descends from (restored or saved)
         self._swept = False
         self._report = report or (lambda message: None)
@@ -148,8 +144,8 @@ class Guard:
         ``unless_same``, a state identical to the last snapshot's (same bytes, values, position and
         extra) is not committed again: the handle gives the last snapshot (one snapshot per state).
         """
-        metrics = _check_metrics(metrics)
-        tags = _check_tags(tags)
+        metrics = check_metrics(metrics)
+        tags = check_tags(tags)
         if note is not None and not isinstance(note, str):
             raise UsageError(f"note must be text, not {type(note).__name__}")
         for _ in range(3):  # a retake copies what went stale, so it cannot go stale the same way
@@ -157,7 +153,7 @@ class Guard:
             if not wait:
                 return handle
             self._writer.flush()  # durable, and old snapshots cleaned up
-            if not isinstance(handle._error, StaleCaptureError):
+            if not isinstance(handle.exception(timeout=0), StaleCaptureError):
                 break
         return handle
 
@@ -179,7 +175,7 @@ class Guard:
             captured = capture(state)
             for name, reason in captured.skipped.items():
                 self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
-            position_tree = encode(position, "position", _no_tensors)
+            position_tree = encode(position, "position", no_tensors)
             extra_tree = encode(extra, "extra", captured.sink_for(captured.tensors))
             staged = self._staging.stage(captured.tensors, volatile=captured.volatile)
             manifest = {
@@ -212,8 +208,9 @@ class Guard:
         try:
             stale = self._staging.verify_reused(staged.groups)
             if stale:
-                raise StaleCaptureError(_stale_message(stale))
-            entries, written = self._write_blob(staged, published)
+                raise StaleCaptureError(stale_message(stale))
+            kept, items = self._staging.to_write(staged)
+            entries, written = write_under_lease(self.store, self.writer_id, kept, items, published)
             manifest["storages"] = {
                 g.key: {"blob": entries[g.key].blob, "entry": entries[g.key].entry,
                         "nbytes": entries[g.key].nbytes, "hash": entries[g.key].hash}
@@ -221,7 +218,7 @@ class Guard:
             }
             manifest["size"] = sum(e.nbytes for e in entries.values())
             manifest["written"] = written
-            if unless_same and self.last_saved is not None and _same_state(manifest, self._last_manifest):
+            if unless_same and self.last_saved is not None and same_state(manifest, self._last_manifest):
                 # Nothing is committed: entries that only a skipped manifest would reference must not be
                 # reused by a later save (the blob they sit in may be collected as unused).
                 self._staging.forget(staged.groups)
@@ -243,7 +240,7 @@ class Guard:
                 self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
                                                "save tries again.")
             raise
-        self._release()
+        release_lease(self.store, self.writer_id)
         self._staging.commit(staged.groups, entries)
         self.retake_due = False
         self.parent = manifest["id"]
@@ -252,7 +249,7 @@ class Guard:
             self._report("saving works again")
         self._last_value_trees = {name: obj["tree"] for name, obj in manifest["objects"].items() if obj["kind"] == "value"}
         self._last_manifest = manifest
-        info = info_from(manifest, state=self.catalog._state(path))
+        info = info_from(manifest, state=self.catalog.state_of(path))
         self.last_error = None
         self.last_saved = info
         self.last_stats = replace(stats, written_bytes=written, durable_after=time.perf_counter() - started)
@@ -271,64 +268,14 @@ class Guard:
             self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
         self.catalog.notify("saved", info)
 
-    def _hold(self, blobs: set[str]) -> None:
-        """Claim the blobs the coming manifest names, before any of them can be seen unreferenced."""
-        leases.hold(self.store, self.writer_id, blobs)
-
-    def _release(self) -> None:
-        try:
-            leases.release(self.store, self.writer_id)
-        except NbguardError:
-            pass  # a lease left behind only keeps this save's blobs until the next save or this process ends
-
     def _clean_up_failed(self, published: list[str]) -> None:
         """A failed save leaves no blob behind that nothing uses (a full disk must be able to recover)."""
-        self._release()
+        release_lease(self.store, self.writer_id)
         if published:
             try:
                 self.catalog.collect(set(published))
             except NbguardError:
                 pass
-
-    def _write_blob(self, staged: StagedSnapshot, published: list[str]) -> tuple[dict[str, StoredEntry], int]:
-        entries: dict[str, StoredEntry] = {}
-        new: list[Item] = []
-        for group in staged.groups:
-            if group.reuse is not None:
-                entries[group.key] = group.reuse
-                continue
-            view = memoryview(group.buffer.numpy()).cast("B") if group.nbytes else memoryview(b"")
-            previous = self._staging.previous_entry(group.key)
-            digest = None
-            if group.suspect and previous is not None and previous.nbytes == group.nbytes:
-                # Copied although its counters had not moved: often the bytes turn out unchanged.
-                digest = hash_bytes(view)
-                if digest == previous.hash:
-                    entries[group.key] = previous
-                    continue
-            new.append((group.key, *group.entry_layout(), view, digest))
-        reused = {e.blob for e in entries.values()}
-
-        def claim(name: str) -> None:
-            self._hold(reused | {name})
-            published.append(name)
-
-        if new:
-            name, layout, written = write_blob(self.store, new, before_publish=claim)
-        else:
-            self._hold(reused)
-            name, layout, written = "", [], 0
-        # A blob of an earlier snapshot that another process deleted before the lease existed cannot be
-        # referenced: this save fails and the next one writes those bytes anew.
-        gone = sorted(b for b in reused if not self.store.exists(blob_path(b)))
-        if gone:
-            raise StoreError(f"blob {gone[0]} of an earlier snapshot was deleted while saving (another process "
-                             "cleaning up?); the next save writes its bytes again")
-        if not new:
-            return entries, 0
-        for entry in layout:
-            entries[entry.name] = StoredEntry(name, entry.name, entry.code, entry.shape, entry.nbytes, entry.hash)
-        return entries, written
 
     def changed_since_last(self, state: Mapping[str, Any]) -> bool:
         """Whether ``state`` differs from the last committed snapshot (tensors by version and identity,
@@ -393,80 +340,10 @@ class Guard:
         return report
 
 
-def _stale_message(groups: list) -> str:
-    names = [g.members[0][0] for g in groups]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{shown} changed without torch's version counter noticing (a native kernel such as BatchNorm's, "
-            "`.data`, NumPy or a raw pointer): the snapshot was not kept and is taken again at the next safe point; "
-            "from now on these tensors are copied at every save")
-
-
-def _same_state(manifest: Mapping[str, Any], last: Mapping[str, Any]) -> bool:
-    """Whether two manifests describe the same state (they may differ in id, time, tags and note)."""
-    keys = ("run", "position", "metrics", "objects", "rng", "tensors", "extra")
-
-    def contents(m: Mapping[str, Any]) -> dict[str, Any]:  # by content: the same bytes may sit in another blob
-        return {key: (entry["hash"], entry["nbytes"]) for key, entry in m.get("storages", {}).items()}
-
-    return bool(last) and all(manifest.get(k) == last.get(k) for k in keys) and contents(manifest) == contents(last)
-
-
 def _damage_key(text: str) -> str:
     """One report per damaged snapshot, whichever path (listing or restore) finds it first."""
     found = re.search(r"\d{8}T\d{6}-\d{3}-[0-9a-f]{4}", text)
     return f"damaged:{found.group(0) if found else text}"
-
-
-def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    """Metrics as stored: every one must read back (any finite number; nan and inf are dropped)."""
-    out = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, np.generic):
-            value = value.item()
-        if not isinstance(name, str):
-            raise UsageError(f"metric names must be text, not {type(name).__name__} ({name!r})")
-        if type(value) is float and not math.isfinite(value):
-            continue  # nan/inf metrics are dropped rather than breaking the save
-        if not is_metric(name, value):
-            what = "a number too large to store" if type(value) is int else type(value).__name__
-            raise UsageError(f"metric {name!r} must be a number, not {what}")
-        out[name] = value
-    return out
-
-
-def _check_tags(tags: Iterable[str]) -> list[str]:
-    if isinstance(tags, str):
-        tags = [tags]
-    tags = list(tags)
-    bad = [t for t in tags if not isinstance(t, str)]
-    if bad:
-        raise UsageError(f"tags must be text, not {type(bad[0]).__name__} ({bad[0]!r})")
-    return sorted(set(tags))
-
-
-def _check_lineage(lineage: str) -> str:
-    if not isinstance(lineage, str) or not lineage or len(lineage) > 200:
-        raise UsageError(f"lineage must be a short non-empty text, not {lineage!r}")
-    return lineage
-
-
-def default_lineage() -> str | None:
-    """The Jupyter kernel's id (it survives a kernel restart), or None outside a kernel."""
-    if "ipykernel" not in sys.modules:  # not in a kernel (and never import one: scripts stay light)
-        return None
-    try:
-        from ipykernel import get_connection_file
-
-        name = os.path.basename(get_connection_file())
-    except Exception:  # not in a kernel
-        return None
-    return name.removeprefix("kernel-").removesuffix(".json")[:200] or None
-
-
-def _no_tensors(path: str, tensor: torch.Tensor) -> str:
-    raise UsageError(f"{path}: a loop position must be plain numbers and text, not a tensor")
 
 
 def load(location: str | os.PathLike[str] | Store, ref: str = "latest", *, run: str | None = None) -> Snapshot:

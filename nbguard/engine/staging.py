@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..format.blobfile import DTYPE_CODES, hash_bytes, torch_dtype_name
+from ..format.blobfile import DTYPE_CODES, Item, hash_bytes, torch_dtype_name
 
 _TensorBase = torch._C.TensorBase
 
@@ -83,6 +83,14 @@ class Group:
             return DTYPE_CODES[tensor.dtype], tuple(tensor.shape)
         return "U8", (self.nbytes,)
 
+    def staged_view(self) -> memoryview:
+        """The staged bytes of a group that ``stage`` copied (or streams from its live storage)."""
+        if not self.nbytes:
+            return memoryview(b"")
+        if self.buffer is None:
+            raise RuntimeError(f"group {self.key!r} was not staged")
+        return _bytes_of(self.buffer)
+
 
 @dataclass
 class StagedSnapshot:
@@ -97,11 +105,16 @@ class StagedSnapshot:
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     size = tensor.element_size()
-    start = tensor.storage_offset() * size
+    start = int(tensor.storage_offset()) * size
     if tensor.numel() == 0:
         return start, start
     reach = sum((dim - 1) * stride for dim, stride in zip(tensor.shape, tensor.stride(), strict=True))
     return start, start + (reach + 1) * size
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes, without a copy."""
+    return tensor.numpy().data.cast("B")
 
 
 def group_tensors(tensors: dict[str, torch.Tensor], seen: dict[str, tuple] | None = None) -> list[Group]:
@@ -160,7 +173,8 @@ def _layout(group: Group, key: str, tensor: torch.Tensor) -> dict:
 def _live_view(group: Group) -> torch.Tensor:
     """The group's span of its live storage, as bytes."""
     view = torch.empty(0, dtype=torch.uint8, device=group.device)
-    return view.set_(group.members[0][1].untyped_storage(), group.begin, (group.nbytes,))
+    # torch's stubs omit the (storage, offset, size) overload that set_ has always accepted.
+    return view.set_(group.members[0][1].untyped_storage(), group.begin, (group.nbytes,))  # type: ignore[call-overload]
 
 
 def live_hash(group: Group) -> str:
@@ -170,7 +184,7 @@ def live_hash(group: Group) -> str:
     view = _live_view(group)
     if view.device.type != "cpu":
         view = view.cpu()
-    return hash_bytes(memoryview(view.numpy()).cast("B"))
+    return hash_bytes(_bytes_of(view))
 
 
 def available_memory() -> int | None:
@@ -337,6 +351,27 @@ class StagingArea:
         """What the last committed snapshot stored for a group."""
         previous = self._committed.get(key)
         return previous[2] if previous else None
+
+    def to_write(self, staged: StagedSnapshot) -> tuple[dict[str, StoredEntry], list[Item]]:
+        """The stored entries that groups keep, and the blob items (key, dtype code, shape, bytes, hash
+        when known) of the rest. A group copied although its counters had not moved often turns out
+        unchanged: when its bytes hash to its last stored entry, that entry is kept."""
+        entries: dict[str, StoredEntry] = {}
+        items: list[Item] = []
+        for group in staged.groups:
+            if group.reuse is not None:
+                entries[group.key] = group.reuse
+                continue
+            view = group.staged_view()
+            previous = self.previous_entry(group.key)
+            digest = None
+            if group.suspect and previous is not None and previous.nbytes == group.nbytes:
+                digest = hash_bytes(view)
+                if digest == previous.hash:
+                    entries[group.key] = previous
+                    continue
+            items.append((group.key, *group.entry_layout(), view, digest))
+        return entries, items
 
     def forget(self, groups: list[Group]) -> None:
         """A save failed: its staged groups must be copied again next time."""

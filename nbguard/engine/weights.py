@@ -32,7 +32,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | os.PathLike[s
             raise UsageError(f"{name}: dtype {tensor.dtype} cannot be stored in a safetensors file")
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8) if tensor.numel() else \
             torch.empty(0, dtype=torch.uint8)
-        view = memoryview(data.numpy())
+        view = data.numpy().data
         buffers[name] = view
         items.append((name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), view.nbytes, hash_bytes(view)))
     header, entries = build_header(items)

@@ -192,10 +192,10 @@ def _decode_tag(tag: str, body: Any, source: TensorSource, depth: int) -> Any:
             return dtype.type(complex(float(re), float(im)))
         return dtype.type(decode(item, source, depth + 1))
     if tag == "$dtype":
-        dtype = getattr(torch, _str(body), None)
-        if not isinstance(dtype, torch.dtype):
+        torch_dtype = getattr(torch, _str(body), None)
+        if not isinstance(torch_dtype, torch.dtype):
             raise CorruptSnapshotError(f"unknown dtype {body!r} in snapshot")
-        return dtype
+        return torch_dtype
     if tag == "$device":
         return torch.device(_str(body))
     if tag == "$size":

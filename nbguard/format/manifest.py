@@ -47,7 +47,7 @@ def new_id(now: float | None = None) -> str:
 
 def is_metric(name: object, value: object) -> bool:
     """Whether a metric can be stored and read back: a text name and a finite number."""
-    return isinstance(name, str) and type(value) in (int, float) and abs(value) <= sys.float_info.max
+    return isinstance(name, str) and (type(value) is int or type(value) is float) and abs(value) <= sys.float_info.max
 
 
 def check_run_name(run: str) -> str:
@@ -172,14 +172,14 @@ def _validate(m: dict[str, Any], where: str) -> None:
     for name in ("size", "written"):
         _expect(type(m.get(name)) is int and 0 <= m[name] < 2**60, where, f"invalid {name}")
     _expect(isinstance(m.get("versions"), dict), where, "missing versions")
-    storages = m.get("storages")
-    _expect(isinstance(storages, dict), where, "storages must be an object")
+    _expect(isinstance(m.get("storages"), dict), where, "storages must be an object")
+    storages = m["storages"]
     for key, s in storages.items():
         _expect(isinstance(s, dict) and isinstance(s.get("blob"), str) and bool(_HEX32.match(s["blob"]))
                 and isinstance(s.get("entry"), str) and type(s.get("nbytes")) is int and 0 <= s["nbytes"] < 2**50
                 and isinstance(s.get("hash"), str) and bool(_HEX32.match(s["hash"])), where, f"storage {key!r} is malformed")
-    tensors = m.get("tensors")
-    _expect(isinstance(tensors, dict), where, "tensors must be an object")
+    _expect(isinstance(m.get("tensors"), dict), where, "tensors must be an object")
+    tensors = m["tensors"]
     for key, t in tensors.items():
         _expect(isinstance(t, dict) and isinstance(t.get("storage"), str) and t["storage"] in storages, where, f"tensor {key!r} refers to a missing storage")
         shape, stride, offset = t.get("shape"), t.get("stride"), t.get("byte_offset")
@@ -189,8 +189,8 @@ def _validate(m: dict[str, Any], where: str) -> None:
                 and type(offset) is int and offset >= 0, where, f"tensor {key!r} has an invalid layout")
         _expect(isinstance(t.get("dtype"), str) and isinstance(t.get("device"), str)
                 and isinstance(t.get("requires_grad"), bool), where, f"tensor {key!r} is malformed")
-    objects = m.get("objects")
-    _expect(isinstance(objects, dict), where, "objects must be an object")
+    _expect(isinstance(m.get("objects"), dict), where, "objects must be an object")
+    objects = m["objects"]
     for name, obj in objects.items():
         _expect(isinstance(obj, dict) and obj.get("kind") in OBJECT_KINDS and isinstance(obj.get("type"), str)
                 and "tree" in obj, where, f"object {name!r} is malformed")

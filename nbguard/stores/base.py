@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import mmap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import StoreError
 
 Buffer = bytes | bytearray | memoryview
+BlobBuffer = Buffer | mmap.mmap  # what open_blob gives: a private memory map where possible
 Progress = Callable[[int], None]
 EventHook = Callable[[str, str], None]
 
@@ -56,7 +58,7 @@ class Store(Protocol):
     def read(self, path: str) -> bytes:
         """The whole content of a (small) file."""
 
-    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+    def open_blob(self, path: str, progress: Progress | None = None) -> BlobBuffer:
         """A writable private buffer over a file (a copy-on-write memory map where possible):
         tensors built on it may be modified without changing the file."""
 
@@ -92,11 +94,8 @@ def describe_os_error(exc: OSError, where: str) -> str:
         errno.ENOTCONN: "the mount is disconnected: remount it (Colab: drive.mount('/content/drive', force_remount=True))",
         errno.EIO: "an I/O error occurred: check the disk or mount",
     }
-    hint = hints.get(exc.errno, exc.strerror or str(exc))
+    hint = hints.get(exc.errno or 0, exc.strerror or str(exc))  # errno None or 0: no hint
     return f"saving to {where} failed: {hint}"
-
-
-EventHook = Callable[[str, str], None]
 
 
 # --- optional capabilities: declared by a backend's methods, tested with isinstance ----------------

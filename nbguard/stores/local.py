@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import StoreError, UsageError
 from . import directio
-from .base import Buffer, EventHook, FileInfo, Progress, check_relative, describe_os_error
+from .base import BlobBuffer, Buffer, EventHook, FileInfo, Progress, check_relative, describe_os_error
 from .owner import TEMP_PREFIX, temp_name
 
 
@@ -129,7 +129,7 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"reading {full} failed: {exc.strerror}") from exc
 
-    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+    def open_blob(self, path: str, progress: Progress | None = None) -> BlobBuffer:
         full = self._abs(path, leaf="file")
         try:
             with open(directio.open_regular(full), "rb") as f:

@@ -14,12 +14,16 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from .base import Store
 from .fsspec_store import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
+
+if TYPE_CHECKING:
+    from .replica.remote import RemoteKind
 
 Opener = Callable[[str], Store]
 _SCHEMES: dict[str, Opener] = {}
@@ -121,7 +125,7 @@ class SharedStores:
         self.staged_stores: dict[str, Store] = {}
         self.memory_stores: dict[str, MemoryStore] = {}
 
-    def staged(self, location: str, remote: Callable[[], Store], kind: str) -> Store:
+    def staged(self, location: str, remote: Callable[[], Store], kind: RemoteKind) -> Store:
         """The replicated store for ``location`` (one uploader thread per location and process)."""
         with self._lock:
             store = self.staged_stores.get(location)

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httplib2
 from googleapiclient.discovery import build_from_document
@@ -97,8 +97,14 @@ class DriveClient:
             # httplib2 may keep a broken socket in its pool; start afresh
             self.auth.thread_local.http = None
 
+    @overload
+    def call(self, fn: Callable[[], T], doing: str, *, missing_ok: Literal[False] = False) -> T: ...
+
+    @overload
+    def call(self, fn: Callable[[], T], doing: str, *, missing_ok: bool) -> T | None: ...
+
     def call(self, fn: Callable[[], T], doing: str, *, missing_ok: bool = False) -> T | None:
-        """``fn()`` with this client's retry policy (see ``retry.call``)."""
+        """``fn()`` with this client's retry policy (see ``retry.call``); None only with ``missing_ok``."""
         return retry.call(fn, self.retry, doing, on_error=self._on_error, missing_ok=missing_ok)
 
     def send(self, method: str, url: str, body: bytes | bytearray | memoryview | None = None,

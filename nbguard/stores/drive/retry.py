@@ -67,8 +67,9 @@ class DriveHTTPError(Exception):
         except (ValueError, AttributeError, IndexError):
             pass
         retry_after = None
+        header = resp.get("retry-after")
         try:
-            retry_after = float(resp.get("retry-after")) if resp.get("retry-after") else None
+            retry_after = float(header) if header else None
         except (TypeError, ValueError):
             pass
         return cls(status, reason, retry_after)

@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from ...errors import StoreError, UsageError
-from ..base import Buffer, FileInfo, Progress, check_relative, describe_os_error
+from ..base import BlobBuffer, Buffer, FileInfo, Progress, check_relative, describe_os_error
 from .client import DriveClient
 from .retry import RetryPolicy
 from .transfer import DEFAULT_CHUNK_SIZE, UPLOAD_GRANULE, ParentGoneError, download, upload
@@ -134,6 +134,12 @@ class DriveStore:
             parent = cached
         return parent
 
+    def _created_folder_id(self, folder: str) -> str:
+        """The id of a store folder, created with its parents when missing."""
+        fid = self._folder_id(folder, create=True)
+        assert fid is not None  # a created folder has an id
+        return fid
+
     def _subfolder(self, parent: str, name: str, create: bool) -> str | None:
         if not create:
             return _oldest(self._client.children(parent, title=name, folders=True))
@@ -189,7 +195,7 @@ class DriveStore:
         download(self._client, self._require(path), out, chunk_size=self.chunk_size)
         return out.getvalue()
 
-    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+    def open_blob(self, path: str, progress: Progress | None = None) -> BlobBuffer:
         """Download to a file under ``cache_dir`` and map it read-only.
 
         On POSIX the file is unlinked once mapped: its disk space returns when the map is released.
@@ -220,8 +226,7 @@ class DriveStore:
     def write(self, path: str, chunks: Iterable[Buffer], progress: Progress | None = None) -> None:
         folder, name = posixpath.split(check_relative(path))
         for attempt in range(2):
-            fid = self._folder_id(folder, create=True)
-            assert fid is not None
+            fid = self._created_folder_id(folder)
             try:
                 meta = upload(self._client, name, fid, chunks, chunk_size=self.chunk_size, progress=progress)
                 break

@@ -28,8 +28,9 @@ import sys
 from collections.abc import Callable, Iterable
 
 from ...errors import StoreError, UsageError
-from ..base import Buffer, FileInfo, ListsTempFiles, Progress, Store
+from ..base import BlobBuffer, Buffer, FileInfo, ListsTempFiles, Progress, Store
 from ..directio import FileReader
+from ..local import LocalStore
 from .remote import RemoteKind, RemoteSide, Report, chunks, folder_of, infer_remote_kind
 from .uploader import (
     FAILED,
@@ -77,7 +78,7 @@ class ReplicatedStore:
 
     def __init__(
         self,
-        local: Store,
+        local: LocalStore,
         remote: Store,
         *,
         remote_kind: RemoteKind | None = None,
@@ -141,7 +142,7 @@ class ReplicatedStore:
         self._check_not_deleted(path)
         return self._remote.fetch(path, lambda: self.remote.read(path))
 
-    def open_blob(self, path: str, progress: Progress | None = None) -> Buffer:
+    def open_blob(self, path: str, progress: Progress | None = None) -> BlobBuffer:
         """The local copy; a remote-only file is first downloaded into the local store."""
         if self.local.exists(path):
             try:

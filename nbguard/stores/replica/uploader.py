@@ -300,7 +300,8 @@ class Uploader:
                 # Blobs go first: a manifest queued anywhere may need them (even one this session
                 # writes again: same name, same bytes). Other files go last, after every blob queued
                 # so far, which includes the blobs of a manifest a write is committing right now.
-                front, back = [], []
+                front: list[_Op] = []
+                back: list[_Op] = []
                 for f in missing:
                     if f.path not in self._queued and not self._deleting[f.path]:
                         (front if is_blob(f.path) else back).append(_Op("upload", f.path))
