@@ -33,8 +33,9 @@ from .frame_state import FrameNamespace, capture_locals
 from .loop_progress import exhausted_top_loop, loop_total, state_mark, top_progress
 from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
 from .loops.reach import reach
+from .options import CellOptions
 from .resume_choice import choose, extra_of, loop_structure
-from .session import CellOptions, Session
+from .session import Session
 
 RESULT_NAME = "__nbguard_result__"  # where a guarded function call (nbguard.checkpointed) leaves its result
 RESULT_KEY = "nbguard.result"  # ... and the name a plain result is saved under (never a notebook variable)
