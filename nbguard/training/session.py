@@ -47,7 +47,7 @@ class Session:
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
     running_cell: Any = None
     start_points: dict[tuple[str, str], str] = field(default_factory=dict)  # (store, run) -> snapshot id
-    _handlers: list[Callable[[], None]] = field(default_factory=list)
+    _handlers: list[Callable[[], object]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def configure(self, **settings: Any) -> CellOptions:

@@ -148,7 +148,7 @@ class LoopRuntime:
     def execute(self, namespace: MutableMapping[str, Any]) -> None:
         """``exec`` the cell in ``namespace`` (inside ``active()``), binding the reserved name."""
         namespace[RESERVED_NAME] = self
-        exec(self.cell.code, namespace)
+        exec(self.cell.code, namespace)  # type: ignore[arg-type]  # a dict (IPython's user_ns, a module's globals)
 
     def request_safe_point(self, reason: str = "request") -> None:
         """Ask for ``on_safe_point`` at the next iteration end. Thread-safe, signal-safe, cheap;
@@ -389,7 +389,7 @@ class LoopRuntime:
     def _attribute(self, loader: Any, passes_through: Callable[[FrameType, Any], bool]) -> tuple[_Activation, bool] | None:
         """The loop whose iterable is iterating ``loader`` right now (None: some other code), and
         whether the batches reach it unchanged."""
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         unchanged = True
         while frame is not None and id(frame.f_code) not in self._fetching:
             unchanged = unchanged and passes_through(frame, loader)
