@@ -8,38 +8,34 @@ happens at the end of the current iteration.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..engine import rng
 from ..engine.snapshot import Snapshot
 from ..errors import NbguardError, RestoreError
 from ..format.manifest import SnapshotInfo
-from ..humanize import ago, clock
+from ..humanize import ago
 from . import position_text
 from .budget import Budget, TimeBudgetReached
 from .discover import Discovery, discover, why_not_plain
-from .frame_state import FrameNamespace, capture_locals
+from .frame_state import capture_locals
+from .loop_names import loop_labels, loop_targets
 from .loop_progress import exhausted_top_loop, loop_total, state_mark, top_progress
-from .loops import LoopPosition, LoopRuntime, ResumePlan, instrument_cell
+from .loops import LoopPosition, LoopRuntime, instrument_cell
 from .loops.reach import reach
+from .options import CellOptions
 from .resume_choice import choose, extra_of, loop_structure
-from .session import CellOptions, Session
+from .resuming import LoopBirths, restore_snapshot, resume_plan, say_restored
+from .session import Session
+from .triggers import SafePointTriggers, exit_after_save
 
 RESULT_NAME = "__nbguard_result__"  # where a guarded function call (nbguard.checkpointed) leaves its result
 RESULT_KEY = "nbguard.result"  # ... and the name a plain result is saved under (never a notebook variable)
-STEP_NAMES = {"step", "steps", "global_step", "iteration", "it", "itr", "iter_num"}
-DOUBLE_INTERRUPT_SECONDS = 3.0
 DURABLE_WAIT = 60.0  # at most this long for the budget's last snapshot to reach Drive (or the mount)
 
 
@@ -73,20 +69,18 @@ class CheckpointedCell:
         self._restored_mark: Any = None  # the state as restored from a finished run's snapshot
         self.guard = session.guard(options, run)
         self.location = session.store_location(options)
-        self.labels = _loop_labels(source, self.cell.loops)
-        self.loop_targets = _loop_targets(source)
+        self.labels = loop_labels(source, self.cell.loops)
+        self.loop_targets = loop_targets(source)
         self.discovery: Discovery | None = None
         self.runtime: LoopRuntime | None = None
         self.saves = 0
         self.resumed_from: SnapshotInfo | None = None
-        self._stop_requested = 0.0
+        self.triggers: SafePointTriggers | None = None
         self._shutdown = False
-        self._timer_pending = False
         self._said_captured = False
-        self._done = threading.Event()
         self.finished = False
         self.result: Any = None  # what a guarded function returned (nbguard.checkpointed)
-        self._generator_cache: dict[str, torch.Generator] | None = None
+        self.births = LoopBirths(lambda: self._discover().objects)
 
     # -- state -------------------------------------------------------------------------------
     def _discover(self) -> Discovery:
@@ -201,12 +195,13 @@ class CheckpointedCell:
         interrupted = "interrupt" in reasons or "shutdown" in reasons
         stopping = interrupted or "budget" in reasons
         if reasons <= {"timer", "retake"} and self.guard.busy:
-            self._timer_pending = True  # coalesce: the timer thread asks again once the writer is free
+            if self.triggers is not None:  # coalesce: the timer thread asks again once the writer is free
+                self.triggers.retry_when_free = True
             return
         tags = ("interrupted",) if interrupted else ("budget",) if "budget" in reasons else ()
-        handle = self.save(point.positions, tags=tags, wait=stopping, frames=point.frames)
+        self.save(point.positions, tags=tags, wait=stopping, frames=point.frames)
         if "shutdown" in reasons:
-            self._shutdown_after_save(handle)
+            exit_after_save(self.guard, self.report)
         if "interrupt" in reasons:
             raise StopAfterSave(f"interrupted — saved snapshot {self._last_text(brief=True)}. Run the cell again to "
                                 "continue from there")
@@ -219,12 +214,6 @@ class CheckpointedCell:
                 f"{self._last_text(brief=True)}{'' if durable else ' (not confirmed durable yet)'} and stopped. In a "
                 "new session run the notebook again (Run all): this cell continues from there (to go on in this "
                 "session anyway: --budget off)")
-
-    def _shutdown_after_save(self, handle) -> None:
-        self.guard.flush(30)
-        self.report("saved a snapshot before shutting down (SIGTERM); run it again to resume from there")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def save_if_changed(self, reason: str = "manual") -> bool:
         """A final snapshot when the guarded objects changed since the last one (used at shutdown).
@@ -240,26 +229,6 @@ class CheckpointedCell:
         self.save(None, completed=self.finished, tags=(reason,), wait=True, unless_same=True)
         return self.guard.last_saved is not before
 
-    def _generators(self) -> dict[str, torch.Generator]:
-        # Looked up once per cell run, when the first loop starts (loaders exist by then).
-        if self._generator_cache is None:
-            objects = self._discover().objects
-            self._generator_cache = {n: g for n, g in objects.items() if isinstance(g, torch.Generator)}
-        return self._generator_cache
-
-    def _capture_birth(self) -> dict[str, Any]:
-        """The RNG states a loop's iterable may draw from as it is created (a shuffling sampler)."""
-        return {"rng": rng.capture(), "generators": {n: g.get_state() for n, g in self._generators().items()}}
-
-    def _apply_birth(self, birth: Any) -> None:
-        if not birth:
-            return
-        rng.restore(birth["rng"])
-        generators = self._generators()
-        for name, state in birth["generators"].items():
-            if name in generators:
-                generators[name].set_state(state)
-
     # -- resume --------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
         start_point = self.session.start_points.pop((self.location, self.run_name), None)
@@ -271,88 +240,22 @@ class CheckpointedCell:
         self.continues_finished = choice.continues_finished
         return choice.snapshot, choice.notes
 
-    def _plan(self, snapshot: Snapshot) -> ResumePlan:
-        extra = extra_of(snapshot)
-        if extra.get("completed") and self.continues_finished:
-            # An edited cell continues a finished run: after the iterations its last loop had done.
-            return ResumePlan(positions=[LoopPosition(int(loop[0]), int(loop[1]), loop[2], None)
-                                         for loop in extra["final_loops"]])
-        if extra.get("completed"):
-            return ResumePlan(completed=True)
-        positions = [LoopPosition(int(loop[0]), int(loop[1]), loop[2], tuple(loop[3]) if loop[3] is not None else None)
-                     for loop in extra.get("loops", [])]
-        return ResumePlan(positions=positions)
-
     def _restore(self, snapshot: Snapshot) -> None:
-        frames = self.runtime.frames if self.runtime is not None else []
-        namespace = FrameNamespace(self.namespace, frames)
-        objects = dict(self._discover().objects)
-        for alias, target in extra_of(snapshot).get("aliases", {}).items():
-            if target not in objects and alias in objects:
-                objects[target] = objects[alias]
-            elif target not in objects and alias in self.namespace:
-                objects[target] = self.namespace[alias]
-        try:
-            report = snapshot.restore(objects, namespace=namespace)
-        except RestoreError as exc:
-            raise RestoreError(f"{exc}. Snapshot {snapshot.id} does not fit the objects this notebook built: build "
-                               "the same model (and optimizer) as when it was taken, or start over with "
-                               "%%checkpointed --fresh") from None
-        namespace.apply()
+        runtime = self.runtime
+        report = restore_snapshot(snapshot, self._discover().objects, self.namespace,
+                                  runtime.frames if runtime is not None else [])
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
-        info = snapshot.info
-        when = f"saved {ago(info.created)} at {clock(info.created)}"
-        where = f", {info.label}" if info.label else ""
-        what = ", ".join(name for name, _ in report.restored)
-        finished = extra_of(snapshot).get("completed") and not self.continues_finished
-        if finished:
-            print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
-                  f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
-        else:
-            changed = "; the cell changed since this snapshot (its loops are the same)" if self.cell_changed else ""
-            print(f"nbguard: resumed from snapshot {info.id} ({when}{where}){changed}; restored {what} and the "
-                  f"random number generators ({', '.join(report.rng)})", flush=True)
-        if report.missing:
-            print(f"nbguard: not found in the notebook, so not restored: {', '.join(report.missing)} "
-                  "(run the cell that creates them first)", flush=True)
-        for note in report.notes:
-            print(f"nbguard: {note}", flush=True)
-        if self.runtime is not None and getattr(self.runtime, "resumed_with_workers", False):
-            print("nbguard: note — a DataLoader with worker processes was resumed mid-epoch; if its dataset draws "
-                  "random numbers (augmentation), the rest of this epoch can differ slightly from an "
-                  "uninterrupted run", flush=True)
+        say_restored(snapshot.info, report,
+                     finished=bool(extra_of(snapshot).get("completed")) and not self.continues_finished,
+                     cell_changed=self.cell_changed,
+                     workers_resumed=runtime is not None and getattr(runtime, "resumed_with_workers", False))
 
     # -- running -------------------------------------------------------------------------------
     def request_shutdown(self) -> None:
         self._shutdown = True
         if self.runtime is not None:
             self.runtime.request_safe_point("shutdown")
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self._stop_requested and now - self._stop_requested < DOUBLE_INTERRUPT_SECONDS:
-            raise KeyboardInterrupt  # second interrupt: stop at once
-        self._stop_requested = now
-        print("nbguard: interrupt received — saving at the end of this iteration (interrupt again to stop now)",
-              flush=True)
-        if self.runtime is not None:
-            self.runtime.request_safe_point("interrupt")
-
-    def _timer(self) -> None:
-        interval = self.options.every
-        next_at = time.monotonic() + interval
-        budget_asked = False
-        while not self._done.wait(min(0.5, max(0.0, next_at - time.monotonic()))):
-            if self._timer_pending and not self.guard.busy:
-                self._timer_pending = False
-                self.runtime.request_safe_point("timer")
-            if time.monotonic() >= next_at:
-                next_at = time.monotonic() + interval
-                self.runtime.request_safe_point("timer")
-            if self.budget is not None and not budget_asked and self.budget.due(self._save_cost()):
-                budget_asked = True
-                self.runtime.request_safe_point("budget")
 
     def _save_final(self) -> None:
         """The snapshot that marks the run finished. One snapshot per state: when nothing changed since
@@ -369,15 +272,12 @@ class CheckpointedCell:
             self.save(None, completed=True, tags=("final",), wait=True)
         finally:
             self.guard.policy = policy
-        if same and self.guard.last_saved is not None and self.guard.last_saved.id != previous.id:
+        last = self.guard.last_saved
+        if same and previous is not None and last is not None and last.id != previous.id:
             try:
                 self.guard.catalog.delete(previous.id, previous.run)
             except NbguardError:
                 pass  # already gone (retention): nothing to supersede
-
-    def _save_cost(self) -> float:
-        stats = self.guard.last_stats
-        return stats.durable_after if stats is not None else 1.0
 
     def run(self) -> None:
         """Execute the cell under guard. Exceptions of the cell propagate (after a message)."""
@@ -394,8 +294,8 @@ class CheckpointedCell:
                            f"a loop it cannot reach, so the cell runs from the start (`%nbguard restore "
                            f"{snapshot.info.id}` loads that state instead)")
                 snapshot = None
-        plan = self._plan(snapshot) if snapshot is not None else None
-        if plan is not None and plan.completed and not self.cell.loops:
+        plan = resume_plan(snapshot, continues_finished=self.continues_finished) if snapshot is not None else None
+        if snapshot is not None and plan is not None and plan.completed and not self.cell.loops:
             # The loops live in functions: running the cell again would run the code after their loops
             # with fresh local variables (best weights loaded from the start). The final state is all.
             self.session.last_cell = self
@@ -414,20 +314,19 @@ class CheckpointedCell:
             self.cell,
             functions=self.reach.functions,
             on_safe_point=self._on_safe_point,
-            capture_birth=self._capture_birth,
-            apply_birth=self._apply_birth,
+            capture_birth=self.births.capture,
+            apply_birth=self.births.apply,
             resume=plan,
             on_resume=(lambda: self._restore(snapshot)) if snapshot is not None else None,
             every_iter=self.options.every_iter,
         )
         self.session.running_cell = self
         self.session.last_cell = self
-        # Without a safe point an interrupt stops the cell at once (KeyboardInterrupt), saved below.
-        previous_sigint = _install(signal.SIGINT, self._on_sigint) if reachable else None
         runtime = self.runtime
+        triggers = self.triggers = SafePointTriggers(runtime, self.guard, every=self.options.every, budget=self.budget)
+        # Without a safe point an interrupt stops the cell at once (KeyboardInterrupt), saved below.
+        triggers.start(sigint=reachable)
         self.guard.on_retake = lambda: runtime.request_safe_point("retake")  # a save found stale bytes
-        timer = threading.Thread(target=self._timer, name="nbguard-timer", daemon=True)
-        timer.start()
         try:
             with self.runtime.active():
                 self.runtime.execute(self.namespace)
@@ -461,9 +360,8 @@ class CheckpointedCell:
                            "Fix the problem and run the cell again to resume from there")
             raise
         finally:
-            self._done.set()
+            triggers.stop()
             self.guard.on_retake = None
-            _restore_handler(signal.SIGINT, previous_sigint)
             self.session.running_cell = None
 
     def _say_unreachable(self) -> None:
@@ -486,44 +384,3 @@ class CheckpointedCell:
     def _said(self, message: str) -> None:
         print(f"nbguard: {message}", flush=True)
 
-
-def _install(signum: int, handler: Callable) -> Any:
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signum)
-    signal.signal(signum, handler)
-    return previous
-
-
-def _restore_handler(signum: int, previous: Any) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signum, previous)
-
-
-def _loop_targets(source: str) -> set[str]:
-    """Names bound by the cell's for-loops (epoch counters and batches are not metrics)."""
-    return {n.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.For)
-            for n in ast.walk(node.target) if isinstance(n, ast.Name)}
-
-
-def _loop_labels(source: str, loops: list) -> dict[int, str]:
-    """Readable names for loop positions: 'epoch' for the outermost, 'batch' inside it, 'step' for
-    loops whose variable is a step counter or for while loops."""
-    targets: dict[int, str | None] = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.For):
-            target = node.target
-            if isinstance(target, ast.Tuple) and target.elts:
-                target = target.elts[0]
-            targets[node.lineno] = target.id if isinstance(target, ast.Name) else None
-    labels: dict[int, str] = {}
-    for loop in loops:
-        name = targets.get(loop.lineno)
-        if loop.kind == "while" or (name and name.lower() in STEP_NAMES):
-            label = "step"
-        else:
-            label = {0: "epoch", 1: "batch"}.get(loop.depth, f"loop{loop.depth + 1}")
-        if label in labels.values():
-            label = f"{label}{loop.depth + 1}"
-        labels[loop.id] = label
-    return labels

@@ -30,7 +30,8 @@ from ..engine.retention import Policy
 from ..errors import UsageError
 from ..format.manifest import check_run_name
 from .cell import RESULT_NAME, CheckpointedCell, StopAfterSave
-from .session import CellOptions, Session, parse_duration
+from .options import CellOptions, parse_duration
+from .session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 

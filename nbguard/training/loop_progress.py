@@ -32,7 +32,8 @@ def state_mark(state: dict[str, Any]) -> Any:
 def _content(tensor: torch.Tensor) -> str | None:
     try:
         flat = tensor.detach().to("cpu").contiguous().view(-1)
-        return hash_bytes(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else ""
+        data = flat.view(torch.uint8).numpy()
+        return hash_bytes(memoryview(data)) if flat.numel() else ""  # type: ignore[arg-type]  # numpy arrays are buffers
     except (RuntimeError, TypeError, ValueError):  # a layout without plain bytes: never "unchanged"
         return None
 

@@ -12,12 +12,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.catalog import Catalog
 from ..engine.guard import Guard, Reporter
-from ..engine.retention import Policy
 from ..errors import UsageError
 from ..format.manifest import SnapshotInfo
 from ..humanize import ago
@@ -25,52 +24,8 @@ from ..humanize import duration as human_duration
 from ..humanize import size as human_size
 from ..stores.base import HasQuota, Staged
 from .budget import Budget
-
-DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
-MIN_EVERY = 0.1  # below this the timer thread would only spin: saves coalesce at the writer anyway
-
-
-def parse_duration(text: str | float) -> float:
-    """'30s', '10m', '1h', '90' (seconds) → seconds."""
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        raw = str(text).strip().lower()
-        number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = raw[len(number):] or "s"
-        if unit not in DURATION_UNITS or not number:
-            raise UsageError(f"--every {text!r}: use a duration such as 30s, 10m or 1h")
-        try:
-            value = float(number) * DURATION_UNITS[unit]
-        except ValueError:
-            raise UsageError(f"--every {text!r}: use a duration such as 30s, 10m or 1h") from None
-    if not value >= MIN_EVERY or value == float("inf"):
-        raise UsageError(f"--every {text!r}: the interval must be at least {MIN_EVERY:g} s (e.g. 30s, 10m or 1h)")
-    return value
-
-
-@dataclass(frozen=True)
-class CellOptions:
-    """Options of ``%%checkpointed`` (and defaults set with ``%nbguard config``)."""
-
-    every: float = 300.0
-    every_iter: int | None = None
-    keep: int = 3
-    best: tuple[str, str] | None = None
-    name: str | None = None
-    dir: str | None = None
-    state: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    fresh: bool = False
-    resume_from: str | None = None
-    budget: float | None = None  # seconds from the cell's start; None: the platform's default; 0: none
-
-    def policy(self) -> Policy:
-        return Policy(keep=self.keep, best_metric=self.best[0] if self.best else None,
-                      best_mode=self.best[1] if self.best else "min")
-
-
-CONFIG_KEYS = {"every", "every_iter", "keep", "best", "dir", "name", "budget"}
+from .options import CellOptions, configured
+from .options import parse_duration as parse_duration  # callers import it from here
 
 
 @dataclass
@@ -92,27 +47,12 @@ class Session:
     last_cell: Any = None  # the CheckpointedCell that ran last (for %nbguard save / status)
     running_cell: Any = None
     start_points: dict[tuple[str, str], str] = field(default_factory=dict)  # (store, run) -> snapshot id
-    _handlers: list[Callable[[], None]] = field(default_factory=list)
+    _handlers: list[Callable[[], object]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def configure(self, **settings: Any) -> CellOptions:
         """Change defaults for later cells (``%nbguard config every=10m keep=5``)."""
-        unknown = set(settings) - CONFIG_KEYS
-        if unknown:
-            raise UsageError(f"unknown setting(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(CONFIG_KEYS))}")
-        if "every" in settings:
-            settings["every"] = parse_duration(settings["every"])
-        if "keep" in settings:
-            settings["keep"] = _positive_int("keep", settings["keep"])
-        if "every_iter" in settings:
-            settings["every_iter"] = _positive_int("every_iter", settings["every_iter"])
-        if "budget" in settings and isinstance(settings["budget"], str):
-            from .budget import parse_budget
-
-            settings["budget"] = parse_budget(settings["budget"]) or 0.0
-        if "best" in settings and isinstance(settings["best"], str):
-            settings["best"] = Policy.parse_best(settings["best"])
-        self.defaults = replace(self.defaults, **settings)
+        self.defaults = configured(self.defaults, settings)
         if settings.get("dir"):
             self.name_pending = False
         return self.defaults
@@ -337,16 +277,6 @@ def _drive_lines(catalog: Catalog) -> list[str]:
         except Exception as exc:
             lines.append(f"Google Drive quota unavailable: {exc}")
     return lines
-
-
-def _positive_int(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a whole number, not {value!r}") from None
-    if number < 1:
-        raise UsageError(f"{name} must be at least 1, not {number}")
-    return number
 
 
 _current: Session | None = None

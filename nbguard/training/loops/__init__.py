@@ -9,8 +9,9 @@
 
 ``rewrite`` turns each loop into calls of ``RESERVED_NAME`` (``enter``/``loop``) around the real
 iterator; ``arming`` switches on, only while a request is pending, the event that finds the next
-iteration end; ``runtime`` keeps the positions and replays a ``ResumePlan``; ``dataloaders`` skips
-batches on resume without loading them. No IPython, no torch import, nothing about snapshots.
+iteration end; ``runtime`` keeps the positions (one ``activation`` per running loop) and replays a
+``ResumePlan``; ``dataloaders`` skips batches on resume without loading them. No IPython, no torch
+import, nothing about snapshots.
 """
 
 from .arming import ARM_SIGNAL

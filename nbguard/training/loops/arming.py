@@ -190,7 +190,7 @@ class TraceArming:
         with self._lock:
             if self._handler_installed and not self._sent:
                 self._sent = True
-                _thread.interrupt_main(self.signum)
+                _thread.interrupt_main(self.signum)  # type: ignore[arg-type]  # set with _handler_installed
 
     def disarm(self) -> None:
         if not self.armed:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ...errors import RestoreError
 
 if TYPE_CHECKING:
-    from .runtime import LoopRuntime, _Activation
+    from .activation import Activation
+    from .runtime import LoopRuntime
 
 MODULE = "torch.utils.data.dataloader"
 
@@ -70,7 +71,7 @@ class Resumed:
     """What ``iter(loader)`` returns in a resumed loop: placeholders for the skipped batches, then
     the real ones."""
 
-    def __init__(self, real: Iterator[Any], skipper: SkipSampler, activation: _Activation):
+    def __init__(self, real: Iterator[Any], skipper: SkipSampler, activation: Activation):
         self.real, self.skipper, self.activation = real, skipper, activation
         self._left: int | None = None
         self._yielded = 0

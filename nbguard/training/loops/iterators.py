@@ -20,7 +20,7 @@ _SECOND = operator.itemgetter(1)
 FOREVER = sys.maxsize
 
 
-def _enumerate_count(it: enumerate) -> int:
+def _enumerate_count(it: Any) -> int:  # an enumerate: (iterable, count) in its __reduce__
     return it.__reduce__()[1][1]
 
 
@@ -61,10 +61,10 @@ def readable(it: Iterator[Any]) -> tuple[Reader, int] | None:
         return _enumerate_count, _enumerate_count(it)
     loader_iter = _dataloader_iter_type()
     if loader_iter is not None and isinstance(it, loader_iter):
-        return _num_yielded, it._num_yielded
+        return _num_yielded, _num_yielded(it)
     yielded = getattr(kind, "nbguard_yielded", None)  # our own wrappers (see dataloaders.py)
     if isinstance(yielded, property):
-        return _yielded, it.nbguard_yielded
+        return _yielded, _yielded(it)
     return None
 
 

@@ -306,7 +306,7 @@ def _iteration_ends(code: CodeType, locations: dict[tuple[int, int], int]) -> di
     ends: dict[int, int] = {}
     prefix: list[int] = []
     by_line = {line: loop_id for (line, _), loop_id in locations.items()}  # 3.10 has no columns
-    line = None
+    line: int | None = None
     for ins in dis.get_instructions(code):
         line = ins.starts_line or line
         if ins.opname == "EXTENDED_ARG":
@@ -314,7 +314,7 @@ def _iteration_ends(code: CodeType, locations: dict[tuple[int, int], int]) -> di
             continue
         if ins.opname == "FOR_ITER":
             where = getattr(ins, "positions", None)
-            loop_id = locations.get((where.lineno, where.col_offset)) if where else by_line.get(line)
+            loop_id = locations.get((where.lineno, where.col_offset)) if where else by_line.get(line) if line else None
             if loop_id is not None:  # inlined comprehensions (3.12+) have FOR_ITERs of their own
                 for offset in (*prefix, ins.offset):
                     ends[offset] = loop_id

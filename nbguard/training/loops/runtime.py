@@ -15,45 +15,17 @@ import collections
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from ...errors import RestoreError, UsageError
 from . import iterators
+from .activation import Activation
 from .arming import ends_of, make_arming
 from .dataloaders import MODULE as DATALOADER_MODULE
 from .dataloaders import LoaderPatch
 from .positions import LoopPosition, ResumePlan, SafePoint, check_plan
-from .rewrite import RESERVED_NAME, InstrumentedCell, InstrumentedFunction, LoopInfo, LoopMeta, Unit
-
-
-@dataclass(eq=False, slots=True)
-class _Activation:
-    """One activation of a loop: from ``enter`` until the loop is left."""
-
-    info: LoopInfo
-    meta: LoopMeta
-    depth: int = 0  # index in the stack: loops of the caller chain enclosing it
-    frame: FrameType | None = None  # the frame running the loop (a function's, or the cell's)
-    birth: Any = None
-    src: Any = None  # what positions are read from
-    reader: Callable[[Any], int] | None = None
-    offset: int = 0
-    reused: list[bool] = field(default_factory=list)
-    plan: LoopPosition | None = None  # on the resume path
-    skip: int = 0
-    skipped: int = 0
-    skipping: bool = False
-    stopped: bool = False  # a while loop whose condition turned false
-    ticks: int = 0
-
-    def consumed(self) -> int:
-        return self.reader(self.src) - self.offset if self.reader is not None else 0
-
-
-def _ticks_count(activation: _Activation) -> int:
-    return activation.ticks
+from .rewrite import RESERVED_NAME, InstrumentedCell, InstrumentedFunction, Unit
 
 
 class LoopRuntime:
@@ -99,8 +71,8 @@ class LoopRuntime:
         if resume is not None:
             check_plan(resume, self._loops, {info.id for info in self._loops[len(cell.loops):] if info.parent is None})
         self._path = 0  # how many loops of the resume path were entered
-        self._stack: list[_Activation] = []  # index = depth; deeper entries may be stale
-        self._window: _Activation | None = None  # the loop whose iterable is being built
+        self._stack: list[Activation] = []  # index = depth; deeper entries may be stale
+        self._window: Activation | None = None  # the loop whose iterable is being built
         self._reasons: collections.deque[str] = collections.deque()
         self._running = False
         self._firing = False
@@ -148,7 +120,7 @@ class LoopRuntime:
     def execute(self, namespace: MutableMapping[str, Any]) -> None:
         """``exec`` the cell in ``namespace`` (inside ``active()``), binding the reserved name."""
         namespace[RESERVED_NAME] = self
-        exec(self.cell.code, namespace)
+        exec(self.cell.code, namespace)  # type: ignore[arg-type]  # a dict (IPython's user_ns, a module's globals)
 
     def request_safe_point(self, reason: str = "request") -> None:
         """Ask for ``on_safe_point`` at the next iteration end. Thread-safe, signal-safe, cheap;
@@ -182,7 +154,7 @@ class LoopRuntime:
             self._patch_loaders()
         if self._reasons and not self._arming.armed and not self._firing:
             self._arming.arm()  # a request left over by a callback that raised
-        activation = _Activation(info, self._meta[loop_id], depth, frame)
+        activation = Activation(info, self._meta[loop_id], depth, frame)
         if self._plan is not None:
             if not self._enter_resumed(activation):
                 return False
@@ -198,17 +170,7 @@ class LoopRuntime:
         if activation is None or activation.info.id != loop_id:
             raise UsageError(f"nbguard: loop {loop_id} started without enter(); was the cell rewritten by another tool?")
         try:
-            if activation.info.kind == "for":
-                it = iter(iterable)
-                readable = iterators.readable(it)
-                if readable is None:
-                    it, activation.src = iterators.counted(it)
-                    activation.reader, activation.offset = iterators.counter_reader()
-                else:
-                    activation.src = it
-                    activation.reader, activation.offset = readable
-            else:
-                it = self._while_counter(activation)
+            it = activation.counted(iterable)
             if activation.plan is not None:
                 self._skip(activation, it)
                 if self._path == len(self._plan.positions):  # type: ignore[union-attr]
@@ -300,7 +262,7 @@ class LoopRuntime:
         if self._reasons and self._running:
             self._arming.arm()
 
-    def _every_iter(self, activation: _Activation, it: Iterator[Any]) -> Iterator[Any]:
+    def _every_iter(self, activation: Activation, it: Iterator[Any]) -> Iterator[Any]:
         every = self._every
         for item in it:
             yield item
@@ -310,7 +272,7 @@ class LoopRuntime:
                 self._fire(0, {"every-iter"})
 
     # -- resume ------------------------------------------------------------------------------
-    def _enter_resumed(self, activation: _Activation) -> bool:
+    def _enter_resumed(self, activation: Activation) -> bool:
         plan = self._plan
         assert plan is not None
         info = activation.info
@@ -339,7 +301,7 @@ class LoopRuntime:
             self._apply_birth(target.birth)
         return True
 
-    def _skip(self, activation: _Activation, it: Iterator[Any]) -> None:
+    def _skip(self, activation: Activation, it: Iterator[Any]) -> None:
         count = activation.skip
         if count == 0:
             return
@@ -365,31 +327,16 @@ class LoopRuntime:
         if self._on_resume is not None:
             self._on_resume()
 
-    def _while_counter(self, activation: _Activation) -> Iterator[Any]:
-        start = activation.plan.completed if activation.plan is not None else 0
-        if not activation.meta.has_else:
-            it, activation.reader, activation.offset = iterators.ticks(start)
-            activation.src = it
-            return it
-        activation.src, activation.reader, activation.ticks = activation, _ticks_count, start
-        return self._until_stopped(activation)
-
-    @staticmethod
-    def _until_stopped(activation: _Activation) -> Iterator[tuple[()]]:
-        while not activation.stopped:
-            activation.ticks += 1
-            yield ()
-
     # -- DataLoaders ---------------------------------------------------------------------------
     def _patch_loaders(self) -> None:
         if DATALOADER_MODULE in sys.modules and self._loader_patch is None:
             self._loader_patch = LoaderPatch(self)
             self._loader_patch.install()
 
-    def _attribute(self, loader: Any, passes_through: Callable[[FrameType, Any], bool]) -> tuple[_Activation, bool] | None:
+    def _attribute(self, loader: Any, passes_through: Callable[[FrameType, Any], bool]) -> tuple[Activation, bool] | None:
         """The loop whose iterable is iterating ``loader`` right now (None: some other code), and
         whether the batches reach it unchanged."""
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         unchanged = True
         while frame is not None and id(frame.f_code) not in self._fetching:
             unchanged = unchanged and passes_through(frame, loader)
@@ -397,7 +344,7 @@ class LoopRuntime:
         if frame is None:
             return None
         loop_id = self._fetching[id(frame.f_code)].get(frame.f_lasti)
-        activation: _Activation | None = None
+        activation: Activation | None = None
         if loop_id is not None:  # the loop fetches an item and its iterable starts the loader lazily
             index = self._index_of(loop_id)
             if index >= 0:
@@ -410,7 +357,7 @@ class LoopRuntime:
             return None
         return activation, unchanged and activation.meta.placeholders_ok
 
-    def _note_workers(self, activation: _Activation, loader: Any, skipped: bool) -> None:
+    def _note_workers(self, activation: Activation, loader: Any, skipped: bool) -> None:
         self.resumed_with_workers = True
         what = "skipped batches never reached its workers" if skipped else "its persistent workers were restarted"
         self.resume_warnings.append(
