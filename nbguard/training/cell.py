@@ -56,8 +56,8 @@ class CheckpointedCell:
         self.run_name = run
         self.cell = instrument_cell(source, filename=filename)
         # Loops of the notebook's functions the cell calls are safe points too (train_loop(), train_model()).
-        self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops),
-                           entries=[entry] if entry is not None else [])
+        self.entries = [entry] if entry is not None else []
+        self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops), entries=self.entries)
         self.local_skip = frozenset().union(*(f.targets for f in self.reach.functions))
         self.structure = loop_structure(self.cell.loops)
         self.origin: str | None = None  # the snapshot a --resume-from started this lineage at
@@ -85,7 +85,7 @@ class CheckpointedCell:
     # -- state -------------------------------------------------------------------------------
     def _discover(self) -> Discovery:
         self.discovery = discover(self.source, self.namespace, include=self.options.state,
-                                  exclude=self.options.exclude)
+                                  exclude=self.options.exclude, entries=self.entries)
         return self.discovery
 
     def state(self) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def _split(names: Sequence[str] | str) -> list[str]:
 
 
 def discover(source: str | ast.Module, namespace: Mapping[str, Any], *, include: Sequence[str] | None = None,
-             exclude: Sequence[str] = ()) -> Discovery:
+             exclude: Sequence[str] = (), entries: Sequence[Any] = ()) -> Discovery:
     """Find the training objects and plain values a cell uses.
 
     ``source`` is the cell's Python source (IPython syntax already transformed) or its AST;
@@ -249,7 +249,8 @@ def discover(source: str | ast.Module, namespace: Mapping[str, Any], *, include:
     found with exactly these names (``--state``; dotted names such as 'trainer.model' work);
     ``exclude`` drops names (``--exclude``). Raises UsageError for an ``include`` name that is
     neither defined nor assigned by the cell, or an ``exclude`` name that is neither found nor defined;
-    a cell that does not parse raises SyntaxError.
+    a cell that does not parse raises SyntaxError. ``entries`` are functions the cell calls without
+    naming them (``@nbguard.checkpointed`` applied by a call, under another name): followed too.
     """
     tree = ast.parse(source) if isinstance(source, str) else source
     uses = cell_uses(tree)
@@ -264,6 +265,8 @@ def discover(source: str | ast.Module, namespace: Mapping[str, Any], *, include:
     for owner, attr in uses.attrs:
         if not ignored(owner) and owner in namespace:
             finder.offer_member(namespace[owner], owner, attr, 1)
+    for entry in entries:
+        finder.follow(entry, getattr(entry, "__name__", "entry"), 0)
     changed = sorted({*uses.assigned, *uses.mutated}, key=first_use.__getitem__)
     candidates = [n for n in dict.fromkeys([*changed, *finder.assigned, *finder.mutated]) if not ignored(n)]
     assigned = {*uses.assigned, *finder.assigned}
