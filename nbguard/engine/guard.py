@@ -174,7 +174,7 @@ class Guard:
             self._staging.drop_missing(self.store)
             captured = capture(state)
             for name, reason in captured.skipped.items():
-                self._say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
+                self.say_once(f"skip:{name}:{reason}", f"not saving {name}: {reason}")
             position_tree = encode(position, "position", no_tensors)
             extra_tree = encode(extra, "extra", captured.sink_for(captured.tensors))
             staged = self._staging.stage(captured.tensors, volatile=captured.volatile)
@@ -230,14 +230,14 @@ class Guard:
             self._staging.forget(staged.groups)
             self._clean_up_failed(published)
             if isinstance(exc, StaleCaptureError):
-                self._say_once(f"stale:{exc}", str(exc))
+                self.say_once(f"stale:{exc}", str(exc))
                 self.retake_due = True
                 if self.on_retake is not None:
                     self.on_retake()
                 raise
             self.last_error = exc
             if isinstance(exc, Exception):
-                self._say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
+                self.say_once(f"store:{exc}", f"{exc}. Training goes on; earlier snapshots are intact and the next "
                                                "save tries again.")
             raise
         release_lease(self.store, self.writer_id)
@@ -265,7 +265,7 @@ class Guard:
                 self._swept = True
                 self.catalog.sweep()
         except NbguardError as exc:
-            self._say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
+            self.say_once(f"retention:{exc}", f"cleaning up old snapshots failed: {exc}")
         self.catalog.notify("saved", info)
 
     def _clean_up_failed(self, published: list[str]) -> None:
@@ -296,7 +296,8 @@ class Guard:
         """Flush and stop the background writer."""
         return self._writer.close(timeout)
 
-    def _say_once(self, key: str, message: str) -> None:
+    def say_once(self, key: str, message: str) -> None:
+        """Report ``message`` through this guard's reporter, once per ``key``."""
         if key not in self._reported:
             self._reported.add(key)
             self._report(message)
@@ -311,7 +312,7 @@ class Guard:
         snapshots = self.snapshots()
         for path, problem in self.catalog.problems.items():
             if f"runs/{self.run}/" in path:
-                self._say_once(_damage_key(path), f"{path} is damaged and is ignored: {problem}")
+                self.say_once(_damage_key(path), f"{path} is damaged and is ignored: {problem}")
         return snapshots[0] if snapshots else None
 
     def load(self, ref: str = "latest") -> Snapshot:
@@ -331,7 +332,7 @@ class Guard:
         if ref == "latest":
             snapshot, skipped = self.catalog.latest_good(self.run)
             for message in skipped:
-                self._say_once(_damage_key(message), message)
+                self.say_once(_damage_key(message), message)
         else:
             snapshot, skipped = self.catalog.get(ref, self.run), []
         report = snapshot.restore(state, namespace=namespace, rng=rng)

@@ -126,7 +126,7 @@ class CheckpointedCell:
         return dict(list(out.items())[:12])
 
     def report_once(self, key: str, message: str) -> None:
-        self.guard._say_once(key, message)
+        self.guard.say_once(key, message)
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, positions: list[LoopPosition] | None, *, completed: bool = False, tags: tuple[str, ...] = (),
