@@ -6,7 +6,8 @@ state, and the cold-read floor, each in a fresh process, interleaved round by ro
 Each measurement builds the live state (the benchmark's Linear stack + Adam, one step taken),
 evicts the files from the page cache, restores, and reports the wall time and the peak RSS
 increase (``VmHWM`` after minus ``VmRSS`` before). The floor reads the blob file into an already
-touched buffer of its size.
+touched buffer of its size. Each case's time is also given as a ratio to the floor of its own
+round (the disk's speed drifts between rounds on a shared machine).
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(os.getloadavg()[0])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    floor = statistics.median(r[0] for r in results["floor"])
+    floors = [r[0] for r in results["floor"]]
     print(f"{args.size_gib} GiB state, {args.repeats} rounds; load average per round: {[round(x, 1) for x in loads]}")
+    print("median (min-max) of each round; x floor: the ratio to the same round's floor (paired)")
     for name, runs in results.items():
         seconds = [r[0] for r in runs]
-        median = statistics.median(seconds)
-        print(f"{name:12s} median {median:6.3f} s ({median / floor:4.2f}x floor; all {', '.join(f'{s:.3f}' for s in seconds)})"
+        ratios = [s / f for s, f in zip(seconds, floors, strict=True)]
+        print(f"{name:12s} {statistics.median(seconds) * 1000:6.0f} ms ({min(seconds) * 1000:.0f}-{max(seconds) * 1000:.0f})"
+              f"  {statistics.median(ratios):4.2f}x floor ({min(ratios):.2f}-{max(ratios):.2f})"
               f"  peak RSS +{statistics.median(r[1] for r in runs) / 2**20:.0f} MiB"
               f"  read {statistics.median(r[2] for r in runs) / 2**20:.0f} MiB")
     return 0

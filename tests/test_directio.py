@@ -162,3 +162,80 @@ def test_a_front_larger_than_a_bounce_buffer_is_written(tmp_path):
         os.close(fd)
     with open(path, "rb") as f:
         assert f.read() == front + tail
+
+
+# -- copying checked bytes from the page cache (issue 17 item 2) -------------------------------------
+def _hashed_file(tmp_path, nbytes: int = 40 * MiB + 123):
+    from nbguard.directio import FileReader
+
+    data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data.numpy().tobytes())
+    reader = FileReader(str(path))
+    return reader, data, path
+
+
+def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
+    """After a hash pass through the open file, every byte comes from the cache (True), in pieces
+    on two threads, and lands exactly; evicted pages come from the disk instead, and it says so."""
+    import xxhash
+    from nbguard.directio import byte_view
+
+    reader, data, path = _hashed_file(tmp_path)
+    try:
+        reader.hash_range(0, len(data), xxhash.xxh3_128())
+        out = torch.zeros_like(data)
+        assert reader.copy_cached(byte_view(out), 0) is True
+        assert torch.equal(out, data)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (copy_cached also drops what it copied)
+        os.close(fd)
+        out.zero_()
+        assert reader.copy_cached(byte_view(out), 0) is False
+        assert torch.equal(out, data)
+    finally:
+        reader.close()
+
+
+def test_a_file_written_after_its_hash_is_refused_before_a_byte_is_copied(tmp_path):
+    import xxhash
+    from nbguard.blobfile import BlobHeader, Entry, copy_checked_into
+    from nbguard.directio import byte_view
+
+    reader, data, path = _hashed_file(tmp_path, 3 * MiB)
+    try:
+        digest = xxhash.xxh3_128(data.numpy()).hexdigest()
+        header = BlobHeader(b"", 0, {"e": Entry("e", "U8", (len(data),), 0, len(data), digest)})
+        identity = reader.opened
+        out = torch.zeros_like(data)
+        copy_checked_into(reader, header, "e", byte_view(out), identity)
+        assert torch.equal(out, data)
+        with open(path, "r+b") as f:  # the same inode, one byte changed
+            f.seek(5)
+            f.write(b"\x00" if data[5] else b"\x01")
+        out.zero_()
+        with pytest.raises(CorruptSnapshotError, match="replaced or written after it was checked"):
+            copy_checked_into(reader, header, "e", byte_view(out), identity)
+        assert not out.any()
+    finally:
+        reader.close()
+
+
+def test_bytes_not_in_the_cache_are_hashed_again(tmp_path, monkeypatch):
+    """Where pages left the cache, the copy's bytes came from the disk: hashed, and damage found."""
+    import xxhash
+    from nbguard.blobfile import BlobHeader, Entry, copy_checked_into
+    from nbguard.directio import FileReader, byte_view
+
+    reader, data, _ = _hashed_file(tmp_path, 3 * MiB)
+    try:
+        wrong = xxhash.xxh3_128(b"something else").hexdigest()
+        header = BlobHeader(b"", 0, {"e": Entry("e", "U8", (len(data),), 0, len(data), wrong)})
+        monkeypatch.setattr(FileReader, "_nowait", lambda self, view, offset: False)
+        out = torch.zeros_like(data)  # (kept: byte_view does not keep its tensor alive)
+        with pytest.raises(CorruptSnapshotError, match="hash mismatch"):
+            copy_checked_into(reader, header, "e", byte_view(out), reader.opened)
+        assert torch.equal(out, data)
+    finally:
+        reader.close()

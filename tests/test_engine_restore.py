@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from nbguard.blobfile import blob_path
 from torch import nn
 
 import nbguard
@@ -32,6 +33,7 @@ from tests.test_engine_hostile import (
     flip_byte_in_entry,
     make_snapshots,
     manifest_file,
+    storage_of,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,22 +144,74 @@ def test_a_model_whose_load_hook_raises_gets_its_weights_back(tmp_path):
     assert namespace == {"history": ["live"]}
 
 
-def test_a_file_changed_after_checking_is_reported_and_the_rest_put_back(tmp_path):
-    """The one step that cannot be undone: bytes that passed their check change before they are
-    read into the live tensors. The error says so and names the object; the rest is put back."""
+def _in_place_bytes(manifest: dict) -> int:
+    """What goes straight into Live()'s memory: the model's tensors (its optimizer has no state yet)."""
+    return sum(manifest["storages"][manifest["tensors"][k]["storage"]]["nbytes"]
+               for k in manifest["tensors"] if k.startswith("model/"))
+
+
+def test_a_file_written_after_checking_is_refused_and_nothing_changes(tmp_path):
+    """Bytes that passed their check are changed in their file before they are copied into the
+    live tensors: the file's identity (fstat) no longer matches, found before the first live byte
+    changes, and everything is put back."""
     store_dir = tmp_path / "store"
     make_snapshots(store_dir)
     _, manifest = latest_manifest(store_dir)
-    # what goes straight into Live()'s memory: the model's tensors (its optimizer has no state yet)
-    in_place = sum(manifest["storages"][manifest["tensors"][k]["storage"]]["nbytes"]
-                   for k in manifest["tensors"] if k.startswith("model/"))
+    in_place = _in_place_bytes(manifest)
     live = Live()
-    sched_before = live.sched.state_dict()
     flipped = []
 
     def progress(done: int, total: int) -> None:
         if not flipped and done == total - in_place:  # every byte checked, nothing applied yet
             flip_byte_in_entry(store_dir, manifest, "model/0.weight")
+            flipped.append(True)
+
+    snapshot = nbguard.load(store_dir, "latest", run=RUN)
+    with pytest.raises(CorruptSnapshotError, match="written after its bytes were checked. Nothing was restored"):
+        snapshot.restore(live.objects(), namespace=live.namespace, progress=progress)
+    assert flipped
+    live.assert_untouched()
+
+
+def test_a_blob_replaced_after_checking_is_refused_and_nothing_changes(tmp_path):
+    """A blob file renamed over after the check (a new inode at its path; the checked one, kept
+    open, is unlinked, which changes its ctime): refused before the first live byte changes."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    _, manifest = latest_manifest(store_dir)
+    in_place = _in_place_bytes(manifest)
+    path = store_dir / blob_path(storage_of(manifest, "model/0.weight")["blob"])
+    live = Live()
+    replaced = []
+
+    def progress(done: int, total: int) -> None:
+        if not replaced and done == total - in_place:
+            damaged = bytearray(path.read_bytes())
+            damaged[-1] ^= 0x40
+            (tmp_path / "new").write_bytes(bytes(damaged))
+            os.replace(tmp_path / "new", path)
+            replaced.append(True)
+
+    with pytest.raises(CorruptSnapshotError, match="replaced or written after its bytes were checked"):
+        nbguard.load(store_dir, "latest", run=RUN).restore(live.objects(), namespace=live.namespace, progress=progress)
+    assert replaced
+    live.assert_untouched()
+
+
+def test_a_file_changed_while_copying_is_reported_and_the_rest_put_back(tmp_path):
+    """The one step that cannot be undone: a file changes after the first storage was copied into
+    the live tensors. The error says so and names the object; the rest is put back."""
+    store_dir = tmp_path / "store"
+    make_snapshots(store_dir)
+    _, manifest = latest_manifest(store_dir)
+    in_place = _in_place_bytes(manifest)
+    live = Live()
+    sched_before = live.sched.state_dict()
+    flipped = []
+
+    def progress(done: int, total: int) -> None:
+        if not flipped and total - in_place < done < total:  # copying into the model's memory
+            flip_byte_in_entry(store_dir, manifest, "model/1.running_var")
             flipped.append(True)
 
     snapshot = nbguard.load(store_dir, "latest", run=RUN)

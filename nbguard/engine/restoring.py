@@ -2,15 +2,28 @@
 
 1. Check, reading no tensor bytes: every object is there and of the right kind, every name, shape
    and dtype fits (trees decode to placeholders), every blob header agrees with the manifest.
-2. Check every byte: storages that go straight into a live tensor's memory are hashed through a
-   small reused buffer (their pages stay in the page cache); the rest is read into fresh memory.
+2. Check every byte: storages that go straight into a live tensor's memory are hashed through two
+   small reused buffers, a read-ahead thread filling one while the other is hashed (their pages
+   stay in the page cache; the blob files stay open); the rest is read into fresh memory.
 3. Apply, keeping an undo record for every change: fresh bytes are swapped into live tensors (the
    fresh memory then holds the displaced bytes), each ``load_state_dict`` is called with the live
    tensors themselves as sources (a no-op copy), namespace values and RNG states are set.
    Anything that raises (a ``load_state_dict`` too) undoes every change and names the object.
-4. Read the remaining storages straight into the live tensors' memory, hashing them again. This
-   is the one step that cannot be undone; it fails only if a checked file changes under us or the
-   disk fails, and then says which objects are partly restored.
+   Last, each blob file hashed in step 2 must still be the same unchanged file (device, inode,
+   size, mtime and ctime, by ``fstat`` of the open descriptor): one replaced or written since
+   undoes everything too.
+4. Copy the remaining storages from the page cache into the live tensors' memory, two threads at
+   a time. This is the one step that cannot be undone, so it reads nothing that was not hashed:
+   the copies come through the descriptors that step 2 hashed, with ``RWF_NOWAIT`` (page cache
+   only, never the disk); a storage some of whose pages left the cache is read from the disk and
+   hashed again instead, and each file's identity is checked again after its copy. It fails only
+   if a file is written or the disk fails during this step, and then says which objects are partly
+   restored.
+
+   Not re-hashing the copies (step 4 costs a memory copy, not a copy and a hash) leaves one hole:
+   a cached page whose bytes change without the file's mtime/ctime changing between steps 2 and 4
+   (a memory error, a write to the raw block device, or a page evicted and read back from a
+   silently failing disk by another process in between) is not noticed.
 
 Peak memory: the live state plus two 16 MiB buffers, plus the fresh memory of what cannot
 go in place (GPU tensors, optimizer state before its first step, schedulers, values).
@@ -54,9 +67,10 @@ def restore(snapshot: Snapshot, objects: Mapping[str, Any], *, namespace: Mutabl
         raise UsageError(f"snapshot {snapshot.id} holds no {', '.join(map(repr, unknown))}; it holds "
                          f"{', '.join(snapshot.names)}")
     if snapshot._handed_out:  # hashes checked by latest_good() still hold; tensors given out do not
-        verified = set(snapshot._verified)
+        verified, checked_in = set(snapshot._verified), dict(snapshot._checked_in)
         snapshot._forget()
         snapshot._verified |= verified
+        snapshot._checked_in |= checked_in
     report = RestoreReport(snapshot.info)
     try:
         items = _plan(snapshot, names, objects, namespace, report)
@@ -231,6 +245,13 @@ def _apply_all(snapshot: Snapshot, items: list[Item], states: list[Any], placeme
         raise RestoreError(f"{current} refused the snapshot's state: {type(exc).__name__}: {exc}. Nothing was "
                            f"restored{failed}; create {current} the same way as when the snapshot was taken, or "
                            f"leave it out with only=[...]") from exc
+    try:
+        snapshot.ensure_unchanged(placement.direct)  # the last moment anything can still be undone
+    except BaseException as exc:
+        failed = _undo(undo)
+        if isinstance(exc, CorruptSnapshotError):
+            raise CorruptSnapshotError(f"{exc}. Nothing was restored{failed}: restore again") from exc
+        raise
     done: set[str] = set()
     try:
         for storage, (target, owner) in placement.direct.items():

@@ -19,6 +19,7 @@ from ..format.blobfile import (
     BlobHeader,
     blob_path,
     check_entry,
+    copy_checked_into,
     dtype_from_name,
     open_reader,
     read_entry,
@@ -29,6 +30,7 @@ from ..format.codec import decode, tensor_refs
 from ..format.manifest import info_from
 from ..humanize import size as human_size
 from ..stores import Store
+from ..stores.directio import FileReader
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
 
@@ -45,6 +47,7 @@ class Snapshot:
         self._storages: dict[str, torch.Tensor] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._verified: set[str] = set()  # storage keys whose bytes matched their hash (not kept)
+        self._checked_in: dict[str, tuple[int, ...]] = {}  # storage key -> identity of the file it was hashed in
         self._layout: dict[str, tuple[int, int, int, dict[str, Any]]] | None = None
         self._entries_ok: set[str] = set()  # storage keys whose blob entry was checked against the manifest
         self._handed_out = False  # whether tensors of the caches were given out (state_dict, tensor)
@@ -137,17 +140,36 @@ class Snapshot:
 
     def read_into(self, key: str, target: torch.Tensor, progress: Callable[[int], None] | None = None) -> None:
         """Read one storage's bytes straight into ``target`` (a contiguous CPU tensor of exactly its
-        size), hashing them as they arrive; CorruptSnapshotError (after the bytes landed) if they
-        do not match."""
+        size). Bytes ``check`` hashed in this very file, unchanged since, are copied from the page
+        cache without hashing them again (``copy_checked_into``); any others are hashed as they
+        arrive. CorruptSnapshotError (after the bytes landed) if they do not match."""
         from ..stores.directio import byte_view
 
-        read_entry_into(*self._entry(key), byte_view(target), progress)
+        reader, header, entry = self._entry(key)
+        identity = self._checked_in.get(key)
+        if identity is not None and isinstance(reader, FileReader):
+            copy_checked_into(reader, header, entry, byte_view(target), identity, progress)
+        else:
+            read_entry_into(reader, header, entry, byte_view(target), progress)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
-        """Check one storage's bytes against their hash through a small reused buffer."""
+        """Check one storage's bytes against their hash through a small reused buffer (the pages
+        stay in the page cache for ``read_into``)."""
         if key not in self._verified:
-            check_entry(*self._entry(key), progress)
+            reader, header, entry = self._entry(key)
+            check_entry(reader, header, entry, progress)
             self._verified.add(key)
+            if isinstance(reader, FileReader):
+                self._checked_in[key] = reader.opened
+
+    def ensure_unchanged(self, keys: Iterable[str]) -> None:
+        """CorruptSnapshotError if a blob file that ``check`` hashed these storages in has since been
+        replaced or written (its device, inode, size, mtime or ctime differ)."""
+        for key in keys:
+            identity = self._checked_in.get(key)
+            if identity is not None and self._entry(key)[0].identity() != identity:
+                raise CorruptSnapshotError(f"snapshot {self.id}: the blob file of storage {key!r} was replaced or "
+                                           "written after its bytes were checked")
 
     def tensor(self, key: str) -> torch.Tensor:
         """A tensor of the snapshot, with its dtype, shape and strides; tensors that shared
@@ -284,6 +306,7 @@ class Snapshot:
         self._storages.clear()
         self._tensors.clear()
         self._verified.clear()
+        self._checked_in.clear()
         self._entries_ok.clear()
 
     def _rng_storage_keys(self, rng: bool) -> list[str]:

@@ -276,6 +276,28 @@ def read_entry_into(reader, header: BlobHeader, name: str, view: memoryview, pro
     _check_hash(hasher, entry)
 
 
+def copy_checked_into(reader, header: BlobHeader, name: str, view: memoryview, identity: tuple[int, ...],
+                      progress=None) -> None:
+    """``read_entry_into`` for an entry already hashed (``check_entry``) through a file whose
+    ``identity()`` was ``identity`` before that hash: the bytes are copied from the page cache alone
+    (``FileReader.copy_cached``), hashed again only where some had to come from the disk, and the
+    file must be the same unchanged one before and after the copy. CorruptSnapshotError otherwise
+    (before any byte lands if the file was replaced or written since the check)."""
+    entry = header.entries[name]
+    if len(view) != entry.nbytes:
+        raise ValueError(f"entry {name!r} holds {entry.nbytes} bytes, not {len(view)}")
+    changed = CorruptSnapshotError(f"the blob file of entry {name!r} was replaced or written after it was checked")
+    if reader.identity() != identity:
+        raise changed
+    if not reader.copy_cached(view, header.data_start + entry.begin, progress):
+        hasher = xxhash.xxh3_128()
+        for start in range(0, len(view), HASH_CHUNK):
+            hasher.update(view[start:start + HASH_CHUNK])
+        _check_hash(hasher, entry)
+    if reader.identity() != identity:
+        raise changed
+
+
 def check_entry(reader, header: BlobHeader, name: str, progress=None) -> None:
     """Check one entry's bytes against their hash without keeping them."""
     entry = header.entries[name]

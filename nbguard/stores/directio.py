@@ -37,6 +37,7 @@ PIECE = 16 * 2**20  # bounce buffer size, and the size of each read: large for t
 SMALL = 2**20  # entries below this are read through the page cache in one call
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_nowait_ok = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")  # cleared where the kernel refuses it
 
 
 def enabled() -> bool:
@@ -319,7 +320,8 @@ class FileReader:
     def __init__(self, path: str):
         self._file = open(open_regular(path), "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._helper: _Helper | None = None
-        self.size = os.fstat(self._file.fileno()).st_size
+        self.opened = self.identity()  # before any byte is read: what a later check compares with
+        self.size = self.opened[2]
 
     def close(self) -> None:
         if self._helper is not None:
@@ -330,6 +332,11 @@ class FileReader:
     def __del__(self) -> None:
         if getattr(self, "_helper", None) is not None:
             self.close()
+
+    def identity(self) -> tuple[int, ...]:
+        """What changes when the file is replaced or written: device, inode, size, mtime and ctime (ns)."""
+        st = os.fstat(self._file.fileno())
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
@@ -430,6 +437,66 @@ class FileReader:
                     job.done.wait()
             for buffer in buffers:
                 _POOL.give(buffer)
+
+    def copy_cached(self, view: memoryview, offset: int, progress: Callable[[int], None] | None = None) -> bool:
+        """Copy ``len(view)`` bytes at ``offset`` into ``view`` from the page cache alone: reads with
+        ``RWF_NOWAIT`` never go to the disk, so after a hash pass (``hash_range``) through this open file
+        every byte copied is one that was hashed. True if so; False if some bytes were not cached (or
+        the platform lacks ``RWF_NOWAIT``): those were read from the disk, and the caller must hash ``view``.
+
+        Two threads copy alternate 16 MiB pieces (one thread copies at about half the memory's
+        speed), and each piece's cache pages are dropped once copied."""
+        nbytes = len(view)
+        spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
+        missed: list[int] = []  # pieces read from the disk (list.append is atomic)
+
+        def copy(index: int) -> None:
+            begin, end = spans[index]
+            if not self._nowait(view[begin:end], offset + begin):
+                missed.append(index)
+                self._exact(view[begin:end], offset + begin)
+            if end - begin >= SMALL:
+                _drop_cache(self._file.fileno(), offset + begin, end - begin)
+
+        if len(spans) < 2:
+            for index in range(len(spans)):
+                copy(index)
+            if progress and nbytes:
+                progress(nbytes)
+            return not missed
+        if self._helper is None:
+            self._helper = _Helper("nbguard-read")
+        job = self._helper.submit(lambda: [copy(i) for i in range(0, len(spans), 2)])
+        try:
+            for index in range(1, len(spans), 2):
+                copy(index)
+                if progress:
+                    progress(spans[index][1] - spans[index][0])
+        finally:
+            job.done.wait()  # never leave a read in flight into memory that may be freed
+        job.result()
+        if progress:
+            progress(sum(end - begin for begin, end in spans[0::2]))
+        return not missed
+
+    def _nowait(self, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from the page cache only; False as soon as a byte would need the disk."""
+        global _nowait_ok
+        done = 0
+        while done < len(view) and _nowait_ok:
+            try:
+                n = os.preadv(self._file.fileno(), [view[done:]], offset + done, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                _nowait_ok = False  # this kernel or file system refuses it
+                return False
+            if not n:
+                return False  # the end of the file: _exact says it is truncated
+            done += n
+        return done == len(view)
 
     def _exact(self, view: memoryview, offset: int) -> None:
         if self._readinto(view, offset) != len(view):
