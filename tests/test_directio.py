@@ -166,7 +166,7 @@ def test_a_front_larger_than_a_bounce_buffer_is_written(tmp_path):
 
 # -- copying checked bytes from the page cache (issue 17 item 2) -------------------------------------
 def _hashed_file(tmp_path, nbytes: int = 40 * MiB + 123):
-    from nbguard.directio import FileReader
+    from nbguard.stores.directio import FileReader
 
     data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "blob.bin"
@@ -179,7 +179,7 @@ def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
     """After a hash pass through the open file, every byte comes from the cache (True), in pieces
     on two threads, and lands exactly; evicted pages come from the disk instead, and it says so."""
     import xxhash
-    from nbguard.directio import byte_view
+    from nbguard.stores.directio import byte_view
 
     reader, data, path = _hashed_file(tmp_path)
     try:
@@ -200,8 +200,8 @@ def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
 
 def test_a_file_written_after_its_hash_is_refused_before_a_byte_is_copied(tmp_path):
     import xxhash
-    from nbguard.blobfile import BlobHeader, Entry, copy_checked_into
-    from nbguard.directio import byte_view
+    from nbguard.format.blobfile import BlobHeader, Entry, copy_checked_into
+    from nbguard.stores.directio import byte_view
 
     reader, data, path = _hashed_file(tmp_path, 3 * MiB)
     try:
@@ -225,8 +225,8 @@ def test_a_file_written_after_its_hash_is_refused_before_a_byte_is_copied(tmp_pa
 def test_bytes_not_in_the_cache_are_hashed_again(tmp_path, monkeypatch):
     """Where pages left the cache, the copy's bytes came from the disk: hashed, and damage found."""
     import xxhash
-    from nbguard.blobfile import BlobHeader, Entry, copy_checked_into
-    from nbguard.directio import FileReader, byte_view
+    from nbguard.format.blobfile import BlobHeader, Entry, copy_checked_into
+    from nbguard.stores.directio import FileReader, byte_view
 
     reader, data, _ = _hashed_file(tmp_path, 3 * MiB)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from nbguard.blobfile import blob_path
+from nbguard.format.blobfile import blob_path
 from torch import nn
 
 import nbguard
