@@ -179,6 +179,7 @@ def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
     """After a hash pass through the open file, every byte comes from the cache (True), in pieces
     on two threads, and lands exactly; evicted pages come from the disk instead, and it says so."""
     import xxhash
+
     from nbguard.stores.directio import byte_view
 
     reader, data, path = _hashed_file(tmp_path)
@@ -200,6 +201,7 @@ def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
 
 def test_a_file_written_after_its_hash_is_refused_before_a_byte_is_copied(tmp_path):
     import xxhash
+
     from nbguard.format.blobfile import BlobHeader, Entry, copy_checked_into
     from nbguard.stores.directio import byte_view
 
@@ -225,6 +227,7 @@ def test_a_file_written_after_its_hash_is_refused_before_a_byte_is_copied(tmp_pa
 def test_bytes_not_in_the_cache_are_hashed_again(tmp_path, monkeypatch):
     """Where pages left the cache, the copy's bytes came from the disk: hashed, and damage found."""
     import xxhash
+
     from nbguard.format.blobfile import BlobHeader, Entry, copy_checked_into
     from nbguard.stores.directio import FileReader, byte_view
 

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from nbguard.format.blobfile import blob_path
 from torch import nn
 
 import nbguard
 from nbguard import Guard, RestoreError
 from nbguard.errors import CorruptSnapshotError
+from nbguard.format.blobfile import blob_path
 from nbguard.format.manifest import checksum_of
 from tests.test_engine_hostile import (
     RUN,

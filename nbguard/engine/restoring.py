@@ -32,6 +32,7 @@ go in place (GPU tensors, optimizer state before its first step, schedulers, val
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from .report import ProgressFn, RestoreReport
 if TYPE_CHECKING:
     from .snapshot import Snapshot
 
-Undo = Callable[[], None]
+Undo = Callable[[], object]
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _apply(item: Item, state: Any, placement: _Placement, snapshot: Snapshot,
     for key, target, owner in placement.swap.values():
         if owner == name:
             fresh = snapshot._tensor(key)
-            undo.append(lambda target=target, fresh=fresh: _swap(target, fresh))
+            undo.append(functools.partial(_swap, target, fresh))
             _swap(target, fresh)  # the fresh memory now holds the displaced bytes
     live.load_state_dict(state)
     report.restored.append((name, describe(live)))

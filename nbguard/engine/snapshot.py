@@ -101,7 +101,8 @@ class Snapshot:
             raise CorruptSnapshotError(f"snapshot {self.id}: storage {key!r} holds {entry.nbytes} bytes but its "
                                        f"tensors cover bytes {begin}-{end}")
         if entry.code != "U8":  # a storage of one plain tensor is stored with that tensor's dtype and shape
-            if users != 1 or DTYPE_CODES.get(_dtype_or_none(first["dtype"])) != entry.code \
+            dtype = _dtype_or_none(first["dtype"]) if first is not None else None
+            if users != 1 or first is None or dtype is None or DTYPE_CODES.get(dtype) != entry.code \
                     or tuple(first["shape"]) != entry.shape:
                 raise CorruptSnapshotError(f"snapshot {self.id}: blob entry {spec['entry']!r} is {entry.code} "
                                            f"{list(entry.shape)}, which is not the tensor the manifest lays on it")
@@ -255,7 +256,8 @@ class Snapshot:
         def advance(n: int) -> None:
             nonlocal done
             done += n
-            progress(done, total)
+            if progress is not None:
+                progress(done, total)
 
         try:
             for key in keys:

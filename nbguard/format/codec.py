@@ -139,7 +139,7 @@ def _encode_numpy_scalar(value: np.generic, path: str) -> dict:
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def decode(tree: Any, source: TensorSource, depth: int = 0) -> Any:
+def decode(tree: Any, source: Callable[[str], Any], depth: int = 0) -> Any:
     """Rebuild a value from ``encode``'s tree; ``source(key)`` returns the tensor for a key."""
     if depth > MAX_DEPTH:
         raise CorruptSnapshotError("snapshot values are nested too deeply")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import queue
@@ -247,10 +248,12 @@ _prefault_queue: queue.SimpleQueue[tuple[int, int]] | None = None
 def _prefault_loop(jobs: queue.SimpleQueue[tuple[int, int]]) -> None:
     global _populate_ok
     worked = False
+    libc = _libc
+    assert libc is not None  # loaded by prefault() before this thread starts
     while True:
         start, end = jobs.get()
         for chunk in range(start, end, PIECE):
-            if _libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
+            if libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
                 if not worked and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
                     _populate_ok = False  # a kernel older than 5.14
                 break  # memory already freed, or unsupported: the reader faults the pages itself
@@ -386,7 +389,8 @@ class FileReader:
             return
         if self._helper is None:
             self._helper = _Helper("nbguard-read")
-        jobs = [self._helper.submit(lambda piece=view[b:e], at=offset + b: self._exact(piece, at)) for b, e in spans]
+        helper = self._helper
+        jobs = [helper.submit(functools.partial(self._exact, view[b:e], offset + b)) for b, e in spans]
         try:
             for (begin, end), job in zip(spans, jobs, strict=True):
                 job.result()
@@ -407,12 +411,17 @@ class FileReader:
         spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
         if self._helper is None and len(spans) > 1:
             self._helper = _Helper("nbguard-read")
-        pending: list[_Job | None] = [None, None]
+        pending: list[_Job] = []
 
         def start(index: int) -> None:
+            assert self._helper is not None  # started above whenever there are two pieces or more
             begin, end = spans[index]
             piece = views[index % 2][:end - begin]
-            pending[index % 2] = self._helper.submit(lambda: self._exact(piece, offset + begin))
+            job = self._helper.submit(functools.partial(self._exact, piece, offset + begin))
+            if len(pending) < 2:
+                pending.append(job)
+            else:
+                pending[index % 2] = job
 
         try:
             if len(spans) == 1:
@@ -466,7 +475,11 @@ class FileReader:
             return not missed
         if self._helper is None:
             self._helper = _Helper("nbguard-read")
-        job = self._helper.submit(lambda: [copy(i) for i in range(0, len(spans), 2)])
+        def copy_even() -> None:
+            for i in range(0, len(spans), 2):
+                copy(i)
+
+        job = self._helper.submit(copy_even)
         try:
             for index in range(1, len(spans), 2):
                 copy(index)
