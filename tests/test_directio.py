@@ -166,7 +166,7 @@ def test_a_front_larger_than_a_bounce_buffer_is_written(tmp_path):
 
 # -- copying checked bytes from the page cache (issue 17 item 2) -------------------------------------
 def _hashed_file(tmp_path, nbytes: int = 40 * MiB + 123):
-    from nbguard.stores.directio import FileReader
+    from nbguard.stores.filereader import FileReader
 
     data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "blob.bin"
@@ -229,7 +229,8 @@ def test_bytes_not_in_the_cache_are_hashed_again(tmp_path, monkeypatch):
     import xxhash
 
     from nbguard.format.blobfile import BlobHeader, Entry, copy_checked_into
-    from nbguard.stores.directio import FileReader, byte_view
+    from nbguard.stores.directio import byte_view
+    from nbguard.stores.filereader import FileReader
 
     reader, data, _ = _hashed_file(tmp_path, 3 * MiB)
     try:

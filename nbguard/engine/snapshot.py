@@ -30,7 +30,7 @@ from ..format.codec import decode, tensor_refs
 from ..format.manifest import info_from
 from ..humanize import size as human_size
 from ..stores import Store
-from ..stores.directio import FileReader
+from ..stores.filereader import FileReader
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
 

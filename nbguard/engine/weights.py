@@ -21,7 +21,7 @@ from ..format.blobfile import (
     hash_bytes,
     read_header,
 )
-from ..stores.directio import FileReader
+from ..stores.filereader import FileReader
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: str | os.PathLike[str], metadata: dict[str, str]) -> str:

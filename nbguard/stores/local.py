@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ..errors import StoreError, UsageError
 from . import directio
 from .base import BlobBuffer, Buffer, EventHook, FileInfo, Progress, check_relative, describe_os_error
+from .filereader import FileReader
 from .owner import TEMP_PREFIX, temp_name
 
 
@@ -250,11 +251,11 @@ class LocalStore:
         if os.path.dirname(tmp) != folder:
             _fsync_dir(os.path.dirname(tmp))
 
-    def open_reader(self, path: str) -> directio.FileReader:
+    def open_reader(self, path: str) -> FileReader:
         """Positional, verified-as-you-go reads of one file (for restoring without a memory map)."""
         full = self._abs(path, leaf="file")
         try:
-            return directio.FileReader(full)
+            return FileReader(full)
         except FileNotFoundError as exc:
             raise StoreError(f"{path} is missing from {self.root}") from exc
         except OSError as exc:

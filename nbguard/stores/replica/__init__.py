@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 from ...errors import StoreError, UsageError
 from ..base import BlobBuffer, Buffer, FileInfo, ListsTempFiles, Progress, Store
-from ..directio import FileReader
+from ..filereader import FileReader
 from ..local import LocalStore
 from .remote import RemoteKind, RemoteSide, Report, chunks, folder_of, infer_remote_kind
 from .uploader import (

@@ -1,0 +1,223 @@
+"""Reading blob files back: positional reads through the page cache straight into the memory that
+holds the restored tensor, hashed as they arrive.
+
+Reads go through the page cache (the kernel's read-ahead beat direct reads by 10-25 % in our
+measurements) into the restored tensor's memory (a live tensor's own, or fresh), piece by piece on a
+read-ahead thread while the previous piece is hashed, and each piece's cache pages are dropped once
+copied. A hash-only pass (``hash_range``) leaves the pages in the cache for ``copy_cached``, which
+copies them without reading the disk again (``RWF_NOWAIT``).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+
+from .directio import _POOL, PIECE, SMALL, _drop_cache, _Helper, _Job, byte_view, open_regular, prefault
+
+_nowait_ok = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")  # cleared where the kernel refuses it
+
+
+class FileReader:
+    """Positional reads of one file; ``hasher`` sees every byte in order."""
+
+    def __init__(self, path: str):
+        self._file = open(open_regular(path), "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._helper: _Helper | None = None
+        self.opened = self.identity()  # before any byte is read: what a later check compares with
+        self.size = self.opened[2]
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.stop()
+            self._helper = None
+        self._file.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_helper", None) is not None:
+            self.close()
+
+    def identity(self) -> tuple[int, ...]:
+        """What changes when the file is replaced or written: device, inode, size, mtime and ctime (ns)."""
+        st = os.fstat(self._file.fileno())
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
+        out = bytearray(length)
+        return bytes(out[:self._readinto(memoryview(out), offset)])
+
+    def _readinto(self, view: memoryview, offset: int) -> int:
+        done = 0
+        if hasattr(os, "preadv"):  # positional: safe beside the read-ahead thread
+            while done < len(view):
+                n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if not n:
+                    break
+                done += n
+            return done
+        self._file.seek(offset)
+        while done < len(view):
+            n = self._file.readinto(view[done:])
+            if not n:
+                break
+            done += n
+        return done
+
+    def read_entry(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The ``nbytes`` at ``offset`` in fresh memory of their own, fed to ``hasher`` as they arrive."""
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes >= SMALL:
+            prefault(out)
+        self.read_into(byte_view(out), offset, hasher, progress)
+        return out
+
+    def read_into(self, view: memoryview, offset: int, hasher, progress: Callable[[int], None] | None = None) -> None:
+        """Read ``len(view)`` bytes at ``offset`` into ``view`` (fresh memory or a live tensor's own),
+        fed to ``hasher`` as they arrive.
+
+        A read-ahead thread reads 16 MiB pieces straight into that memory while this thread hashes
+        the piece before (the disk never waits for the hashing), and each piece's page-cache pages
+        are dropped once copied, so the next pieces reuse them. (Direct reads were measured too: 10 %
+        slower here, 25 % slower into fresh memory on the GPU machine, as the kernel's read-ahead is lost.)"""
+        nbytes = len(view)
+        spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
+        if nbytes < SMALL:
+            self._exact(view, offset)
+            hasher.update(view)
+            if progress:
+                progress(nbytes)
+            return
+        if self._helper is None:
+            self._helper = _Helper("nbguard-read")
+        helper = self._helper
+        jobs = [helper.submit(functools.partial(self._exact, view[b:e], offset + b)) for b, e in spans]
+        try:
+            for (begin, end), job in zip(spans, jobs, strict=True):
+                job.result()
+                hasher.update(view[begin:end])
+                _drop_cache(self._file.fileno(), offset + begin, end - begin)
+                if progress:
+                    progress(end - begin)
+        finally:
+            for job in jobs:  # never leave a read in flight into memory that may be freed
+                job.done.wait()
+
+    def hash_range(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None = None) -> None:
+        """Feed ``nbytes`` at ``offset`` to ``hasher`` through two reused buffers (no allocation): the
+        read-ahead thread fills one while this thread hashes the other. The pages stay in the page
+        cache, so a restore that reads the same bytes next (into live tensors) reads them from memory."""
+        buffers = [_POOL.take(), _POOL.take()]
+        views = [memoryview(b) for b in buffers]
+        spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
+        if self._helper is None and len(spans) > 1:
+            self._helper = _Helper("nbguard-read")
+        pending: list[_Job] = []
+
+        def start(index: int) -> None:
+            assert self._helper is not None  # started above whenever there are two pieces or more
+            begin, end = spans[index]
+            piece = views[index % 2][:end - begin]
+            job = self._helper.submit(functools.partial(self._exact, piece, offset + begin))
+            if len(pending) < 2:
+                pending.append(job)
+            else:
+                pending[index % 2] = job
+
+        try:
+            if len(spans) == 1:
+                piece = views[0][:nbytes]
+                self._exact(piece, offset)
+                hasher.update(piece)
+                if progress:
+                    progress(nbytes)
+                return
+            if spans:
+                start(0)
+            for index, (begin, end) in enumerate(spans):
+                pending[index % 2].result()
+                if index + 1 < len(spans):
+                    start(index + 1)
+                hasher.update(views[index % 2][:end - begin])
+                if progress:
+                    progress(end - begin)
+        finally:
+            for job in pending:
+                if job is not None:
+                    job.done.wait()
+            for buffer in buffers:
+                _POOL.give(buffer)
+
+    def copy_cached(self, view: memoryview, offset: int, progress: Callable[[int], None] | None = None) -> bool:
+        """Copy ``len(view)`` bytes at ``offset`` into ``view`` from the page cache alone: reads with
+        ``RWF_NOWAIT`` never go to the disk, so after a hash pass (``hash_range``) through this open file
+        every byte copied is one that was hashed. True if so; False if some bytes were not cached (or
+        the platform lacks ``RWF_NOWAIT``): those were read from the disk, and the caller must hash ``view``.
+
+        Two threads copy alternate 16 MiB pieces (one thread copies at about half the memory's
+        speed), and each piece's cache pages are dropped once copied."""
+        nbytes = len(view)
+        spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
+        missed: list[int] = []  # pieces read from the disk (list.append is atomic)
+
+        def copy(index: int) -> None:
+            begin, end = spans[index]
+            if not self._nowait(view[begin:end], offset + begin):
+                missed.append(index)
+                self._exact(view[begin:end], offset + begin)
+            if end - begin >= SMALL:
+                _drop_cache(self._file.fileno(), offset + begin, end - begin)
+
+        if len(spans) < 2:
+            for index in range(len(spans)):
+                copy(index)
+            if progress and nbytes:
+                progress(nbytes)
+            return not missed
+        if self._helper is None:
+            self._helper = _Helper("nbguard-read")
+        def copy_even() -> None:
+            for i in range(0, len(spans), 2):
+                copy(i)
+
+        job = self._helper.submit(copy_even)
+        try:
+            for index in range(1, len(spans), 2):
+                copy(index)
+                if progress:
+                    progress(spans[index][1] - spans[index][0])
+        finally:
+            job.done.wait()  # never leave a read in flight into memory that may be freed
+        job.result()
+        if progress:
+            progress(sum(end - begin for begin, end in spans[0::2]))
+        return not missed
+
+    def _nowait(self, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from the page cache only; False as soon as a byte would need the disk."""
+        global _nowait_ok
+        done = 0
+        while done < len(view) and _nowait_ok:
+            try:
+                n = os.preadv(self._file.fileno(), [view[done:]], offset + done, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                _nowait_ok = False  # this kernel or file system refuses it
+                return False
+            if not n:
+                return False  # the end of the file: _exact says it is truncated
+            done += n
+        return done == len(view)
+
+    def _exact(self, view: memoryview, offset: int) -> None:
+        if self._readinto(view, offset) != len(view):
+            from ..errors import CorruptSnapshotError
+
+            raise CorruptSnapshotError("blob is truncated (shorter than its header says)")
