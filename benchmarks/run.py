@@ -34,7 +34,7 @@ from . import floors as fl
 from . import peers
 from .floors import GiB, IoDelta, MiB, PeakRss, advance, evict_tree, rehome, state_tensors, summary, touch
 
-CASES = ("floors", "nbguard", "torch_save", "dcp", "torchsnapshot", "frozen", "training")
+CASES = ("floors", "nbguard", "torch_save", "dcp", "torchsnapshot", "frozen", "training", "throughput")
 
 
 def log(message: str) -> None:
@@ -455,6 +455,13 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             "written / (trainable params + their Adam state)")
         add("frozen backbone: write through .data detected", 0.0 if fr["data_change_detected"] else 1.0, 0.5,
             "restored model equals the live one after backbone.weight.data.add_(1)")
+    limits = {"30s": 0.02, "5m": 0.005}
+    for cadence, tp in (r.get("throughput") or {}).items():
+        if tp:
+            add(f"lost training throughput @{cadence} in %, measured end to end (< {limits.get(cadence, 0.02):.1%})",
+                100 * tp["lost_median"], 100 * limits.get(cadence, 0.02),
+                f"median of {len(tp['pairs'])} pair(s) of {tp['seconds']:g} s script runs, plain vs @checkpointed "
+                f"(range {tp['lost_min']:+.2%} .. {tp['lost_max']:+.2%})")
     if tr:
         per_save = tr.get("loss_per_save_s")
         floor_time = (tr["written_per_save"] / (r["state_bytes"] / write_floor)) if write_floor and tr.get(
@@ -589,6 +596,13 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("training: lost throughput @5 min (DERIVED)", f"{tr['lost_throughput_5min_derived']:.3%}", "",
              "measured loss per save / 300 s (not run for real)"),
         ]
+    for cadence, tp in (r.get("throughput") or {}).items():
+        if tp:
+            rows.append((f"throughput @{cadence}, end to end: plain / guarded run",
+                         f"{statistics.median(x['plain_s'] for x in tp['pairs']):.1f} s / "
+                         f"{statistics.median(x['guarded_s'] for x in tp['pairs']):.1f} s",
+                         f"{tp['lost_median']:+.2%}",
+                         "per pair: " + ", ".join(f"{x['lost']:+.2%}" for x in tp["pairs"])))
     return rows
 
 
@@ -643,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-dense-s", type=float, default=20.0,
                         help="length of each segment of the dense pair (a save every --train-dense-every-s)")
     parser.add_argument("--train-dense-every-s", type=float, default=4.0)
+    parser.add_argument("--throughput", default="30s:90:2",
+                        help="end-to-end throughput runs, CADENCE:SECONDS:PAIRS[,...] (benchmarks.throughput); "
+                             "e.g. 30s:90:2,5m:330:1 adds the default cadence (about 12 min more)")
     args = parser.parse_args(argv)
     only = {c.strip() for c in args.only.split(",") if c.strip()}
     unknown = only - set(CASES)
@@ -727,6 +744,14 @@ def main(argv: list[str] | None = None) -> int:
                                     segment_s=args.train_segment_s, pairs=args.train_pairs,
                                     cadence_s=args.train_cadence_s, dense_s=args.train_dense_s,
                                     dense_every_s=args.train_dense_every_s, log=log)
+        if "throughput" in only:
+            from .throughput import measure
+
+            r["throughput"] = {}
+            for spec in args.throughput.split(","):
+                cadence, seconds, pairs = spec.split(":")
+                r["throughput"][cadence] = attempt(f"throughput @{cadence}", measure, cadence, float(seconds),
+                                                   int(pairs), log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
