@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import errno
 import functools
+import mmap
 import os
 from collections.abc import Callable
 
 import torch
 
+from ..errors import CorruptSnapshotError
 from .directio import _POOL, PIECE, SMALL, _drop_cache, _Helper, _Job, byte_view, open_regular, prefault
+from .mapped import TRUNCATED, MapUnsupported, can_map, map_piece
 
 _nowait_ok = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")  # cleared where the kernel refuses it
 
@@ -28,6 +31,7 @@ class FileReader:
     def __init__(self, path: str):
         self._file = open(open_regular(path), "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self._helper: _Helper | None = None
+        self._can_map: bool | None = None
         self.opened = self.identity()  # before any byte is read: what a later check compares with
         self.size = self.opened[2]
 
@@ -108,9 +112,62 @@ class FileReader:
                 job.done.wait()
 
     def hash_range(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None = None) -> None:
-        """Feed ``nbytes`` at ``offset`` to ``hasher`` through two reused buffers (no allocation): the
-        read-ahead thread fills one while this thread hashes the other. The pages stay in the page
-        cache, so a restore that reads the same bytes next (into live tensors) reads them from memory."""
+        """Feed ``nbytes`` at ``offset`` to ``hasher``, leaving the pages in the page cache, so a restore
+        that reads the same bytes next (into live tensors) reads them from memory. On a local disk the
+        cached pages are hashed where they lie (``mapped``: no copy); elsewhere through two reused
+        buffers."""
+        if nbytes >= SMALL and self._maps():
+            try:
+                self._hash_mapped(offset, nbytes, hasher, progress)
+                return
+            except MapUnsupported:
+                pass  # a kernel older than 5.14: nothing was hashed yet
+        self._hash_buffered(offset, nbytes, hasher, progress)
+
+    def _maps(self) -> bool:
+        if self._can_map is None:
+            self._can_map = can_map(self._file.fileno())
+        return self._can_map
+
+    def _hash_mapped(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None) -> None:
+        """The read-ahead thread maps and reads in the next piece while this thread hashes one."""
+        spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
+        if self._helper is None:
+            self._helper = _Helper("nbguard-read")
+        helper, fd = self._helper, self._file.fileno()
+        maps: dict[int, tuple[mmap.mmap, int]] = {}
+
+        def load(index: int) -> None:
+            begin, end = spans[index]
+            maps[index] = map_piece(fd, offset + begin, end - begin)
+
+        jobs = [helper.submit(functools.partial(load, 0))]
+        try:
+            for index, (begin, end) in enumerate(spans):
+                try:
+                    jobs[index].result()
+                except MapUnsupported:
+                    if not index:
+                        raise
+                    self._hash_buffered(offset + begin, nbytes - begin, hasher, progress)
+                    return
+                if index + 1 < len(spans):
+                    jobs.append(helper.submit(functools.partial(load, index + 1)))
+                mapped, at = maps.pop(index)
+                with memoryview(mapped) as view:
+                    hasher.update(view[at:at + end - begin])
+                mapped.close()
+                if progress:
+                    progress(end - begin)
+        finally:
+            for job in jobs:
+                job.done.wait()
+            for mapped, _ in maps.values():
+                mapped.close()
+
+    def _hash_buffered(self, offset: int, nbytes: int, hasher, progress: Callable[[int], None] | None) -> None:
+        """Through two reused buffers (no allocation): the read-ahead thread fills one while this
+        thread hashes the other."""
         buffers = [_POOL.take(), _POOL.take()]
         views = [memoryview(b) for b in buffers]
         spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
@@ -218,6 +275,4 @@ class FileReader:
 
     def _exact(self, view: memoryview, offset: int) -> None:
         if self._readinto(view, offset) != len(view):
-            from ..errors import CorruptSnapshotError
-
-            raise CorruptSnapshotError("blob is truncated (shorter than its header says)")
+            raise CorruptSnapshotError(TRUNCATED)

@@ -1,0 +1,130 @@
+"""The restore's hash pass reads blob bytes where they lie in the page cache (``stores/mapped.py``):
+the same digests as reading them, never a SIGBUS on a file that shrank, the buffered way on file
+systems that are not local disks and on kernels without MADV_POPULATE_READ."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import xxhash
+
+from nbguard.errors import CorruptSnapshotError
+from nbguard.stores import mapped
+from nbguard.stores.filereader import FileReader
+
+MiB = 2**20
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache maps")
+
+
+def _file(tmp_path, nbytes: int) -> tuple[str, bytes]:
+    data = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    raw = data.numpy().tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(raw)
+    return str(path), raw
+
+
+def _digest(reader: FileReader, offset: int, nbytes: int) -> str:
+    hasher = xxhash.xxh3_128()
+    seen: list[int] = []
+    reader.hash_range(offset, nbytes, hasher, seen.append)
+    assert sum(seen) == nbytes
+    return hasher.hexdigest()
+
+
+def test_this_machine_maps_blob_files(tmp_path):
+    """The test folder is on a local disk file system, so the tests below exercise the mapped path."""
+    path, _ = _file(tmp_path, 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert mapped.file_system_type(fd) in mapped.LOCAL_FILE_SYSTEMS
+        assert mapped.can_map(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("offset, nbytes", [(0, 40 * MiB + 123), (4097, 33 * MiB), (3 * MiB + 1, MiB)])
+def test_mapped_hash_equals_the_hash_of_the_bytes(tmp_path, offset, nbytes):
+    """Offsets off the page grid, several 16 MiB pieces, a partial last piece."""
+    path, raw = _file(tmp_path, 48 * MiB)
+    reader = FileReader(path)
+    try:
+        assert reader._maps()
+        assert _digest(reader, offset, nbytes) == xxhash.xxh3_128(raw[offset:offset + nbytes]).hexdigest()
+    finally:
+        reader.close()
+
+
+def test_a_blob_that_shrank_since_it_was_opened_is_reported_not_a_crash(tmp_path):
+    """Truncated by another process after the open: CorruptSnapshotError, the process lives on."""
+    path, _ = _file(tmp_path, 40 * MiB)
+    reader = FileReader(path)
+    try:
+        os.truncate(path, 20 * MiB)
+        with pytest.raises(CorruptSnapshotError, match="truncated"):
+            _digest(reader, 0, 40 * MiB)
+    finally:
+        reader.close()
+
+
+def test_populating_a_map_past_the_end_of_the_file_fails_instead_of_sigbus(tmp_path):
+    """The kernel fact the mapped path stands on: MADV_POPULATE_READ over pages a truncation took
+    away returns EFAULT, where touching them would raise SIGBUS. In a child process, so a SIGBUS
+    could not take the test run with it."""
+    path, _ = _file(tmp_path, 8 * MiB)
+    child = textwrap.dedent(f"""
+        import mmap, os
+        from nbguard.errors import CorruptSnapshotError
+        from nbguard.stores import mapped
+        fd = os.open({path!r}, os.O_RDONLY)
+        m = mmap.mmap(fd, 8 << 20, prot=mmap.PROT_READ)
+        os.truncate({path!r}, 1 << 20)
+        try:
+            m.madvise(mapped.MADV_POPULATE_READ)
+        except OSError as exc:
+            print("errno", exc.errno)
+        real_mmap = mmap.mmap
+        mmap.mmap = lambda *a, **k: m  # map_piece meets the same shrunken map
+        try:
+            mapped.map_piece(fd, 0, 8 << 20)
+        except CorruptSnapshotError as exc:
+            print("refused:", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr
+    assert "errno 14" in done.stdout  # EFAULT
+    assert "refused: blob is truncated" in done.stdout
+
+
+def test_other_file_systems_are_hashed_through_buffers(tmp_path, monkeypatch):
+    """A FUSE or network mount (Colab's Drive folder) can fail any read: never mapped."""
+    path, raw = _file(tmp_path, 20 * MiB)
+    monkeypatch.setattr(mapped, "file_system_type", lambda fd: 0x65735546)  # FUSE_SUPER_MAGIC
+    monkeypatch.setattr(mapped, "map_piece", None)  # would raise if it were called
+    reader = FileReader(path)
+    try:
+        assert not reader._maps()
+        assert _digest(reader, 0, len(raw)) == xxhash.xxh3_128(raw).hexdigest()
+    finally:
+        reader.close()
+
+
+def test_a_kernel_without_populate_read_falls_back_to_buffers(tmp_path, monkeypatch):
+    """An advice the kernel does not know fails with EINVAL, as MADV_POPULATE_READ does before
+    Linux 5.14: the whole range is hashed through buffers, and later files skip the maps."""
+    path, raw = _file(tmp_path, 20 * MiB)
+    monkeypatch.setattr(mapped, "MADV_POPULATE_READ", 0x7FFF)
+    monkeypatch.setattr(mapped, "_enabled", True)
+    reader = FileReader(path)
+    try:
+        assert _digest(reader, 0, len(raw)) == xxhash.xxh3_128(raw).hexdigest()
+        assert mapped._enabled is False
+        assert not mapped.can_map(reader._file.fileno())
+    finally:
+        reader.close()
