@@ -7,6 +7,9 @@ its import, the guard and session, state discovery, loop rewriting and the safe 
 iteration, staging buffers prefaulted in the background, the first save (fresh buffers), every
 timer save, the final save and the wait until it is durable. Lost throughput of a pair is
 ``guarded seconds / plain seconds - 1``; the figure is the median of the pairs, with their range.
+Each process also times plain steps (an eighth of the run) before and after its run, so a pair can
+be judged against the speed of its own processes too (``lost_vs_reference``), and reports its minor
+page faults and CPU seconds. Both sides run with glibc's malloc thresholds pinned (``PINNED_MALLOC``).
 
     python -m benchmarks.throughput --cadence 30s --seconds 120 --pairs 3
     python -m benchmarks.throughput --cadence 5m --seconds 330 --pairs 1   # the default cadence
@@ -68,6 +71,10 @@ if mode == "calibrate":
     warm(steps)
     print(json.dumps({"step_s": (time.perf_counter() - t0) / steps}))
     sys.exit(0)
+reference = max(1, steps // 8)  # plain steps timed in this very process before and after the run
+r0 = time.perf_counter()
+warm(reference)
+before = time.perf_counter() - r0
 t0 = time.perf_counter()
 if mode == "guarded":
     import nbguard
@@ -76,14 +83,32 @@ else:
     fn = train
 final_loss = fn(steps)
 seconds = time.perf_counter() - t0
+r1 = time.perf_counter()
+warm(reference)
+after = time.perf_counter() - r1
 saves = len(nbguard.Catalog(folder).snapshots()) if mode == "guarded" else 0
+import resource
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_loss,
-                  "threads": torch.get_num_threads()}))
+                  "reference_s": (before + after) / 2 * steps / reference,
+                  "threads": torch.get_num_threads(), "minor_faults": usage.ru_minflt,
+                  "cpu_s": usage.ru_utime + usage.ru_stime}))
 """
 
 
-def _child(mode: str, folder: str, steps: int, every: str) -> dict[str, Any]:
+# glibc's malloc gives a freed block of a few MiB back to the kernel (a dynamic mmap threshold, and
+# trimming of the heap's top), so every step's gradients (set_to_none=True) land on fresh pages: here
+# about 10,000 minor page faults a step, 2.7 to 4.7 million in a 30 s run, and that number swings by
+# ±1 million between two processes doing the same work, on either side. That is the allocator's luck,
+# not nbguard's cost, and it is larger than what is measured. "pinned" (the default) fixes both
+# thresholds for both sides alike, so freed blocks are reused; "default" leaves glibc as it is.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def _child(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned") -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    if malloc == "pinned":
+        env.update(PINNED_MALLOC)
     out = subprocess.run([sys.executable, "-c", CHILD, mode, folder, str(steps), every, HERE], env=env,
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
@@ -91,37 +116,48 @@ def _child(mode: str, folder: str, steps: int, every: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(cadence: str, seconds: float, pairs: int, log: Any = print) -> dict[str, Any]:
-    """Interleaved plain/guarded runs of ``seconds`` each; see the module docstring."""
+def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: str = "pinned") -> dict[str, Any]:
+    """Interleaved plain/guarded runs of ``seconds`` each; see the module docstring and ``PINNED_MALLOC``."""
     scratch = tempfile.mkdtemp(prefix="nbguard-throughput-")
     try:
-        step_s = _child("calibrate", scratch, 60, cadence)["step_s"]
+        step_s = _child("calibrate", scratch, 60, cadence, malloc)["step_s"]
         steps = max(1, round(seconds / step_s))
-        log(f"throughput @{cadence}: {steps} steps per run (~{step_s * 1e3:.0f} ms/step), {pairs} pair(s)")
+        log(f"throughput @{cadence}: {steps} steps per run (~{step_s * 1e3:.0f} ms/step), {pairs} pair(s), malloc {malloc}")
         # Discarded: the first full-length process after a pause ran up to 30 % slower here, whichever
         # side it was (measured: plain 32.0 s then guarded 21.4 s; guarded 26.0 s then plain 25.0 s).
-        _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 3), cadence)
+        _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 3), cadence, malloc)
         rounds = []
         for pair in range(pairs):
             times = {}
             for mode in (("plain", "guarded") if pair % 2 == 0 else ("guarded", "plain")):
                 folder = os.path.join(scratch, f"run-{pair}-{mode}")
                 shutil.rmtree(folder, ignore_errors=True)
-                times[mode] = _child(mode, folder, steps, cadence)
+                times[mode] = _child(mode, folder, steps, cadence, malloc)
                 shutil.rmtree(folder, ignore_errors=True)
             if times["guarded"]["final_loss"] != times["plain"]["final_loss"]:
                 raise RuntimeError(f"the guarded run did not do the plain run's work: final loss "
                                    f"{times['guarded']['final_loss']!r} vs {times['plain']['final_loss']!r}")
             lost = times["guarded"]["seconds"] / times["plain"]["seconds"] - 1
+            # each run's time over the same process's plain reference steps (its speed, which drifts
+            # by ±10 % from process to process here, measured in its own CPU seconds)
+            relative = {m: t["seconds"] / t["reference_s"] for m, t in times.items()}
+            lost_ref = relative["guarded"] / relative["plain"] - 1
             rounds.append({"plain_s": times["plain"]["seconds"], "guarded_s": times["guarded"]["seconds"],
-                           "lost": lost, "saves_kept": times["guarded"]["saves_kept"]})
+                           "lost": lost, "lost_vs_reference": lost_ref, "saves_kept": times["guarded"]["saves_kept"],
+                           "reference_s": [times["plain"]["reference_s"], times["guarded"]["reference_s"]],
+                           "minor_faults": [times["plain"]["minor_faults"], times["guarded"]["minor_faults"]],
+                           "cpu_s": [times["plain"]["cpu_s"], times["guarded"]["cpu_s"]]})
             log(f"  pair {pair}: plain {times['plain']['seconds']:.1f} s, guarded {times['guarded']['seconds']:.1f} s"
-                f" -> lost {lost:+.2%}")
+                f" -> lost {lost:+.2%}; against each process's own reference steps {lost_ref:+.2%} (minor page faults {times['plain']['minor_faults']} / "
+                f"{times['guarded']['minor_faults']}, CPU {times['plain']['cpu_s']:.0f} / {times['guarded']['cpu_s']:.0f} s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     losses = [r["lost"] for r in rounds]
-    return {"cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s, "pairs": rounds,
-            "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses)}
+    relative = [r["lost_vs_reference"] for r in rounds]
+    return {"cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s, "malloc": malloc, "pairs": rounds,
+            "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses),
+            "lost_vs_reference_median": statistics.median(relative), "lost_vs_reference_min": min(relative),
+            "lost_vs_reference_max": max(relative)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cadence", default="30s", help="the guarded run's --every (default 30s)")
     parser.add_argument("--seconds", type=float, default=120.0, help="length of each run (default 120)")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                        help="glibc malloc thresholds of both sides (see PINNED_MALLOC); default: pinned")
     parser.add_argument("--target", type=float, default=None, help="limit for the median lost throughput, e.g. 0.02")
     parser.add_argument("--out", default=os.path.join(HERE, "benchmarks", "results"))
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
-    result = measure(args.cadence, args.seconds, args.pairs)
+    result = measure(args.cadence, args.seconds, args.pairs, malloc=args.malloc)
     result.update(load_start=load, load_end=os.getloadavg()[0],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -141,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is not None:
         verdict = " PASS" if result["lost_median"] < args.target else " MISS"
         result["target"] = args.target
-    line = (f"lost throughput @{args.cadence} (measured, {args.pairs} pair(s) of {args.seconds:g} s runs): "
+    line = (f"lost throughput @{args.cadence} (measured, {args.pairs} pair(s) of {args.seconds:g} s runs, malloc {args.malloc}): "
             f"median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. {result['lost_max']:+.2%}"
             f"{verdict}")
     print(line)
@@ -151,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {line}\n\n`{result['command']}` · {result['date']} · load {load:.1f} → {result['load_end']:.1f}\n\n"
-                "| pair | plain s | guarded s | lost | snapshots kept |\n|---|---|---|---|---|\n")
+                "| pair | plain s | guarded s | lost | snapshots kept | minor faults plain / guarded | CPU s plain / guarded |\n"
+                "|---|---|---|---|---|---|---|\n")
         for i, r in enumerate(result["pairs"]):
-            f.write(f"| {i} | {r['plain_s']:.1f} | {r['guarded_s']:.1f} | {r['lost']:+.2%} | {r['saves_kept']} |\n")
+            f.write(f"| {i} | {r['plain_s']:.1f} | {r['guarded_s']:.1f} | {r['lost']:+.2%} | {r['saves_kept']} | "
+                    f"{r['minor_faults'][0]} / {r['minor_faults'][1]} | {r['cpu_s'][0]:.0f} / {r['cpu_s'][1]:.0f} |\n")
     return 0
 
 
