@@ -602,7 +602,9 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{statistics.median(x['plain_s'] for x in tp['pairs']):.1f} s / "
                          f"{statistics.median(x['guarded_s'] for x in tp['pairs']):.1f} s",
                          f"{tp['lost_median']:+.2%}",
-                         "per pair: " + ", ".join(f"{x['lost']:+.2%}" for x in tp["pairs"])))
+                         "per pair: " + ", ".join(f"{x['lost']:+.2%}" for x in tp["pairs"])
+                         + "; against each process's own reference steps: "
+                         + ", ".join(f"{x['lost_vs_reference']:+.2%}" for x in tp["pairs"])))
     return rows
 
 
