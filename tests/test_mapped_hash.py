@@ -8,14 +8,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 import xxhash
 
 from nbguard.errors import CorruptSnapshotError
+from nbguard.format.blobfile import BufferReader
 from nbguard.stores import mapped
-from nbguard.stores.filereader import FileReader
+from nbguard.stores.filereader import FileReader, HashRange, hash_ranges
 
 MiB = 2**20
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache maps")
@@ -127,4 +129,73 @@ def test_a_kernel_without_populate_read_falls_back_to_buffers(tmp_path, monkeypa
         assert mapped._enabled is False
         assert not mapped.can_map(reader._file.fileno())
     finally:
+        reader.close()
+
+
+def _ranges(tmp_path):
+    """Ranges over two files and a reader that is not a file: large ones (mapped, several pieces),
+    small ones (read), in an order that crosses files both ways."""
+    first, raw1 = _file(tmp_path, 40 * MiB)
+    second_path = tmp_path / "second.bin"
+    raw2 = bytes(reversed(raw1[:24 * MiB]))
+    second_path.write_bytes(raw2)
+    readers = [FileReader(first), FileReader(str(second_path)), BufferReader(raw2)]
+    spans = [(0, 0, 17 * MiB), (1, 4097, 20 * MiB), (0, 17 * MiB, 1000), (2, 5, 3 * MiB),
+             (0, 17 * MiB + 1000, 23 * MiB - 1000), (1, 100, 2 * MiB)]
+    sources = [raw1, raw2, raw2]
+    return readers, [(readers[r], offset, nbytes, sources[r][offset:offset + nbytes]) for r, offset, nbytes in spans]
+
+
+def test_hash_ranges_hashes_each_range_in_order_across_files(tmp_path):
+    """One read-ahead thread across the ranges of a restore: each digest is its range's, each
+    ``finish`` runs once, in order, right after its range; every byte is reported once."""
+    readers, spans = _ranges(tmp_path)
+    finished: list[tuple[int, str]] = []
+    ranges = []
+    for index, (reader, offset, nbytes, _) in enumerate(spans):
+        hasher = xxhash.xxh3_128()
+        ranges.append(HashRange(reader, offset, nbytes, hasher,
+                                lambda index=index, hasher=hasher: finished.append((index, hasher.hexdigest()))))
+    seen: list[int] = []
+    threads = {t.name for t in threading.enumerate()}
+    hash_ranges(ranges, seen.append)
+    assert finished == [(i, xxhash.xxh3_128(raw).hexdigest()) for i, (*_, raw) in enumerate(spans)]
+    assert sum(seen) == sum(nbytes for _, _, nbytes, _ in spans)
+    assert {t.name for t in threading.enumerate()} == threads  # its thread is gone
+    for reader in readers:
+        reader.close()
+
+
+def test_hash_ranges_stops_at_the_first_range_that_fails_its_check(tmp_path):
+    """A ``finish`` that raises (a damaged entry) ends the pass there: no later range is hashed or
+    finished, and no read is left in flight."""
+    readers, spans = _ranges(tmp_path)
+    finished: list[int] = []
+
+    def finish(index: int) -> None:
+        finished.append(index)
+        if index == 1:
+            raise CorruptSnapshotError("blob entry 'x' is damaged (hash mismatch)")
+
+    ranges = [HashRange(reader, offset, nbytes, xxhash.xxh3_128(), lambda index=index: finish(index))
+              for index, (reader, offset, nbytes, _) in enumerate(spans)]
+    with pytest.raises(CorruptSnapshotError, match="damaged"):
+        hash_ranges(ranges)
+    assert finished == [0, 1]
+    for reader in readers:
+        reader.close()
+
+
+def test_hash_ranges_on_a_kernel_without_populate_read_hashes_through_buffers(tmp_path, monkeypatch):
+    """MADV_POPULATE_READ refused at the first map: that range and every later one are hashed
+    through buffers, with the same digests."""
+    monkeypatch.setattr(mapped, "MADV_POPULATE_READ", 0x7FFF)
+    monkeypatch.setattr(mapped, "_enabled", True)
+    readers, spans = _ranges(tmp_path)
+    hashers = [xxhash.xxh3_128() for _ in spans]
+    hash_ranges([HashRange(reader, offset, nbytes, hasher, lambda: None)
+                 for (reader, offset, nbytes, _), hasher in zip(spans, hashers, strict=True)])
+    assert [h.hexdigest() for h in hashers] == [xxhash.xxh3_128(raw).hexdigest() for *_, raw in spans]
+    assert mapped._enabled is False
+    for reader in readers:
         reader.close()

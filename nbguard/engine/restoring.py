@@ -2,9 +2,10 @@
 
 1. Check, reading no tensor bytes: every object is there and of the right kind, every name, shape
    and dtype fits (trees decode to placeholders), every blob header agrees with the manifest.
-2. Check every byte: storages that go straight into a live tensor's memory are hashed through two
-   small reused buffers, a read-ahead thread filling one while the other is hashed (their pages
-   stay in the page cache; the blob files stay open); the rest is read into fresh memory.
+2. Check every byte: storages that go straight into a live tensor's memory are hashed, one after
+   another, where their pages lie in the page cache (``hash_ranges``: a read-ahead thread reads in
+   the next 16 MiB piece, across storages and files, while one is hashed; the pages stay cached and
+   the blob files stay open); the rest is read into fresh memory.
 3. Apply, keeping an undo record for every change: fresh bytes are swapped into live tensors (the
    fresh memory then holds the displaced bytes), each ``load_state_dict`` is called with the live
    tensors themselves as sources (a no-op copy), namespace values and RNG states are set.
@@ -209,8 +210,7 @@ def _check_bytes(snapshot: Snapshot, items: list[Item], placement: _Placement, r
     sizes = snapshot.manifest["storages"]
     total = 2 * sum(sizes[k]["nbytes"] for k in placement.direct) + sum(sizes[k]["nbytes"] for k in fresh)
     advance = _progress(total, progress)
-    for key in placement.direct:
-        snapshot.check(key, advance)
+    snapshot.check_all(placement.direct, advance)
     for key in fresh:
         snapshot.storage(key, advance)
     return advance

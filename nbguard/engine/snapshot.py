@@ -7,6 +7,7 @@ into live objects is ``restoring.restore``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -18,9 +19,9 @@ from ..format.blobfile import (
     DTYPE_CODES,
     BlobHeader,
     blob_path,
-    check_entry,
     copy_checked_into,
     dtype_from_name,
+    entry_check,
     open_reader,
     read_entry,
     read_entry_into,
@@ -30,7 +31,7 @@ from ..format.codec import decode, tensor_refs
 from ..format.manifest import info_from
 from ..humanize import size as human_size
 from ..stores import Store
-from ..stores.filereader import FileReader
+from ..stores.filereader import FileReader, HashRange, hash_ranges
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
 
@@ -154,14 +155,28 @@ class Snapshot:
             read_entry_into(reader, header, entry, byte_view(target), progress)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
-        """Check one storage's bytes against their hash through a small reused buffer (the pages
-        stay in the page cache for ``read_into``)."""
-        if key not in self._verified:
+        """Check one storage's bytes against their hash, reading them into the page cache only (they
+        stay there for ``read_into``)."""
+        self.check_all([key], progress)
+
+    def check_all(self, keys: Iterable[str], progress: Callable[[int], None] | None = None) -> None:
+        """``check`` for several storages in order, read ahead across them (``hash_ranges``: the disk
+        does not wait at each storage's end). Stops at the first that does not match."""
+        ranges = []
+        for key in keys:
+            if key in self._verified:
+                continue
             reader, header, entry = self._entry(key)
-            check_entry(reader, header, entry, progress)
-            self._verified.add(key)
-            if isinstance(reader, FileReader):
-                self._checked_in[key] = reader.opened
+            offset, nbytes, hasher, verify = entry_check(header, entry)
+            ranges.append(HashRange(reader, offset, nbytes, hasher,
+                                    functools.partial(self._checked, key, reader, verify)))
+        hash_ranges(ranges, progress)
+
+    def _checked(self, key: str, reader: Any, verify: Callable[[], None]) -> None:
+        verify()
+        self._verified.add(key)
+        if isinstance(reader, FileReader):
+            self._checked_in[key] = reader.opened
 
     def ensure_unchanged(self, keys: Iterable[str]) -> None:
         """CorruptSnapshotError if a blob file that ``check`` hashed these storages in has since been

@@ -11,11 +11,13 @@ allocation, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
@@ -278,7 +280,7 @@ def read_entry_into(reader, header: BlobHeader, name: str, view: memoryview, pro
 
 def copy_checked_into(reader, header: BlobHeader, name: str, view: memoryview, identity: tuple[int, ...],
                       progress=None) -> None:
-    """``read_entry_into`` for an entry already hashed (``check_entry``) through a file whose
+    """``read_entry_into`` for an entry already hashed (``entry_check``) through a file whose
     ``identity()`` was ``identity`` before that hash: the bytes are copied from the page cache alone
     (``FileReader.copy_cached``), hashed again only where some had to come from the disk, and the
     file must be the same unchanged one before and after the copy. CorruptSnapshotError otherwise
@@ -298,12 +300,12 @@ def copy_checked_into(reader, header: BlobHeader, name: str, view: memoryview, i
         raise changed
 
 
-def check_entry(reader, header: BlobHeader, name: str, progress=None) -> None:
-    """Check one entry's bytes against their hash without keeping them."""
+def entry_check(header: BlobHeader, name: str) -> tuple[int, int, Any, Callable[[], None]]:
+    """Where one entry's bytes lie in its blob (offset, length), a fresh hasher to feed them to, and
+    what checks them once all were fed (CorruptSnapshotError if they do not match)."""
     entry = header.entries[name]
     hasher = xxhash.xxh3_128()
-    reader.hash_range(header.data_start + entry.begin, entry.nbytes, hasher, progress)
-    _check_hash(hasher, entry)
+    return header.data_start + entry.begin, entry.nbytes, hasher, functools.partial(_check_hash, hasher, entry)
 
 
 def _check_hash(hasher, entry: Entry) -> None:
