@@ -382,6 +382,76 @@ class Floors:
         self.aligned.close()
 
 
+class PairedFloors:
+    """Floors measured right next to the operation they bound, on the same bytes (``run.nbguard_once``).
+
+    The floors of ``Floors`` run in their own case of a round, seconds or a minute away from the save
+    or restore they are compared with; on a shared VM the disk and the CPU change speed over such
+    spans (the cold read floor moved 15-25 % from one hour to the next here). A floor taken just before
+    or just after the operation meets the same minute, and the median of the per-round ratios then
+    measures nbguard rather than the machine's drift. Which one goes first alternates by round.
+
+    One flat destination buffer, faulted in once and grown when needed, serves the copy and read floors."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.rounds = 0
+
+    def next_round(self) -> bool:
+        """Start a round; True when the floors go first in it."""
+        self.rounds += 1
+        return self.rounds % 2 == 1
+
+    def _destination(self, nbytes: int) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None
+            gc.collect()
+            self.buffer = torch.ones(nbytes, dtype=torch.uint8)  # ones: every page faulted in now
+        return self.buffer
+
+    def copy(self, tensors: Sequence[torch.Tensor]) -> float:
+        """Seconds to ``copy_`` every tensor into the preallocated buffer (as ``Floors.copy_prealloc``)."""
+        tensors = [t for t in tensors if t.numel()]
+        sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+        flat = self._destination(sum(sizes))
+        targets, offset = [], 0
+        for t, size in zip(tensors, sizes, strict=True):
+            targets.append(flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            offset += size
+        t0 = time.perf_counter()
+        for d, t in zip(targets, tensors, strict=True):
+            d.copy_(t)
+        return time.perf_counter() - t0
+
+    def write_fsync(self, path: str, tensors: Sequence[torch.Tensor]) -> float:
+        """Seconds to write the tensors' bytes to a new file and fsync it (as ``Floors.write_fsync``),
+        after ``settle()``; the file is removed afterwards."""
+        views = byte_views(tensors)
+        settle()
+        t0 = time.perf_counter()
+        write_fsync(path, views)
+        seconds = time.perf_counter() - t0
+        os.remove(path)
+        return seconds
+
+    def read_cold(self, paths: Sequence[str]) -> tuple[float, int]:
+        """(seconds, bytes from the device) to read the files, evicted first, front to back into the
+        preallocated buffer (as ``Floors.read_cold``)."""
+        for path in paths:
+            evict_file(path)
+        flat = self._destination(sum(os.path.getsize(p) for p in paths))
+        from nbguard.stores.directio import byte_view
+
+        view = byte_view(flat)
+        with IoDelta() as io:
+            t0 = time.perf_counter()
+            offset = 0
+            for path in paths:
+                offset += read_views(path, [view[offset:]])
+            seconds = time.perf_counter() - t0
+        return seconds, io.read_bytes
+
+
 def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     out = list(model.state_dict().values())
     for st in opt.state.values():

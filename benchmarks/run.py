@@ -73,9 +73,23 @@ def _fresh(path: str) -> str:
 
 
 # -- nbguard -----------------------------------------------------------------------------------------
-def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
+def snapshot_files(folder: str) -> list[str]:
+    """The blob files the latest snapshot in ``folder`` keeps its tensors in (what a restore reads)."""
+    import nbguard
+    from nbguard.format.blobfile import blob_path
+
+    snap = nbguard.load(folder, "latest")
+    names = dict.fromkeys(spec["blob"] for spec in snap.manifest["storages"].values())
+    return [os.path.join(snap.store.root, blob_path(name)) for name in names]
+
+
+def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFloors) -> dict[str, Any]:
     """One repeat: a fresh Guard in a fresh folder; first (full) save, an unchanged save, a full save
-    with reused buffers after every tensor changed, then cold restores (all, and the model only)."""
+    with reused buffers after every tensor changed, then cold restores (all, and the model only).
+
+    The steady save and the full restore each get their floors measured right next to them, on the
+    same bytes (``PairedFloors``): copy into preallocated memory and write+fsync for the save, a cold
+    read of the snapshot's own files for the restore."""
     import nbguard
 
     _fresh(folder)
@@ -105,6 +119,15 @@ def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
     out.update(unchanged_written=st.written_bytes, unchanged_staged=st.staged_bytes, unchanged_reused=st.reused_bytes)
 
     advance(model, opt)
+    floors_first = paired.next_round()
+    tensors = state_tensors(model, opt)
+
+    def save_floors() -> None:
+        out["steady_stall_floor"] = paired.copy(tensors)
+        out["steady_durable_floor"] = paired.write_fsync(f"{folder}-floor.bin", tensors)
+
+    if floors_first:
+        save_floors()
     fl.settle()
     with PeakRss() as mem:
         t0 = time.perf_counter()
@@ -113,6 +136,8 @@ def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
         handle.wait()
         out["steady_durable"] = time.perf_counter() - t0
     handle.result()
+    if not floors_first:
+        save_floors()
     st = guard.last_stats
     out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=mem.increase,
                steady_durable_after=st.durable_after)
@@ -138,6 +163,13 @@ def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
     gc.collect()
 
     # cold restore of everything into the live model + optimizer
+    files = snapshot_files(folder)
+
+    def restore_floor() -> None:
+        out["restore_floor"], out["restore_floor_read_bytes"] = paired.read_cold(files)
+
+    if floors_first:
+        restore_floor()
     evict_tree(folder)
     with IoDelta() as io, PeakRss() as mem:
         t0 = time.perf_counter()
@@ -146,6 +178,8 @@ def nbguard_once(model, opt, folder: str, notes: list[str]) -> dict[str, Any]:
         touch(model, opt)
         out["restore"] = time.perf_counter() - t0
     out.update(restore_read_bytes=io.read_bytes, restore_peak_rss_increase=mem.increase)
+    if not floors_first:
+        restore_floor()
     del snap
     gc.collect()
     # the first in-place update after the restore (optimizer state may sit on a copy-on-write map)
@@ -395,8 +429,23 @@ def _med(d: dict | None, key: str) -> float | None:
     return v["median"] if isinstance(v, dict) else v
 
 
+def per_round(a: dict | None, a_key: str, b: dict | None, b_key: str) -> float | None:
+    """The median over rounds of a[a_key] / b[b_key], each ratio taken within one round (the two were
+    measured minutes apart at most: the drift of a shared machine cancels); the ratio of the medians
+    where the rounds do not line up."""
+    va = ((a or {}).get(a_key) or {}).get("values") or []
+    vb = ((b or {}).get(b_key) or {}).get("values") or []
+    if va and len(va) == len(vb) and all(vb):
+        return statistics.median(x / y for x, y in zip(va, vb, strict=True))
+    ma, mb = _med(a, a_key), _med(b, b_key)
+    return ma / mb if ma is not None and mb else None
+
+
 def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, as (figure, limit, ratio, PASS/MISS)."""
+    """The issue's targets, as (figure, limit, ratio, PASS/MISS). A ratio of two figures measured in
+    the same rounds is the median of the per-round ratios (``per_round``); the three floor targets use
+    the floors measured right next to the save and the restore (``fl.PairedFloors``), and show the ratio
+    to the floors case of the round as info."""
     f, n, p, fr, tr = r.get("floors"), r.get("nbguard"), r.get("peers", {}), r.get("frozen"), r.get("training")
     targets: list[dict[str, Any]] = []
 
@@ -415,39 +464,50 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         vals = [v for v in vals if v is not None]
         return min(vals) if vals else None
 
-    copy_floor, write_floor, read_floor = _med(f, "copy_prealloc"), _med(f, "write_fsync"), _med(f, "read_cold")
-    steady_stall, first_stall = _med(n, "steady_stall"), _med(n, "first_stall")
-    add("stall ≤ 1.3× preallocated-copy floor (steady save, buffers reused)", ratio(steady_stall, copy_floor), 1.3,
-        "nbguard steady-state full save stall / copy_ into preallocated tensors")
-    add("stall ≤ 1.3× preallocated-copy floor (first save of a session, info)", ratio(first_stall, copy_floor), 1.3,
-        "first save allocates its staging buffers (page faults): compare with the clone floor too")
-    dcp_async = best(_med(p.get("dcp_async"), "stall"), _med(p.get("dcp_async_reused_stager"), "stall"))
-    add("stall < DCP async_save stall (best DCP variant)", ratio(steady_stall, dcp_async), 1.0,
-        "nbguard steady stall / min(DCP async_save default stager, reused stager)", kind="lt")
-    add("first-save stall < DCP async_save stall (default stager)", ratio(first_stall, _med(p.get("dcp_async"), "stall")),
+    def next_to(key: str, floor_key: str, case_floor_key: str) -> float | None:
+        """The ratio to the floor measured next to it; to the floors case where that is missing."""
+        if n and floor_key in n:
+            return per_round(n, key, n, floor_key)
+        return per_round(n, key, f, case_floor_key)
+
+    add("stall ≤ 1.3× preallocated-copy floor (steady save, buffers reused)",
+        next_to("steady_stall", "steady_stall_floor", "copy_prealloc"), 1.3,
+        "nbguard steady-state full save stall / copy_ of the same tensors into preallocated memory, next to it")
+    add("stall ≤ 1.3× preallocated-copy floor of the floors case (info)", per_round(n, "steady_stall", f, "copy_prealloc"),
+        1.3, "the same against the floors case of each round (up to a minute away)")
+    add("stall ≤ 1.3× preallocated-copy floor (first save of a session, info)", per_round(n, "first_stall", f, "copy_prealloc"),
+        1.3, "first save allocates its staging buffers (page faults): compare with the clone floor too")
+    dcp_async = best(per_round(n, "steady_stall", p.get("dcp_async"), "stall"),
+                     per_round(n, "steady_stall", p.get("dcp_async_reused_stager"), "stall"))
+    add("stall < DCP async_save stall (best DCP variant)", dcp_async, 1.0,
+        "nbguard steady stall / DCP async_save's (default stager, reused stager: the lower ratio)", kind="lt")
+    add("first-save stall < DCP async_save stall (default stager)", per_round(n, "first_stall", p.get("dcp_async"), "stall"),
         1.0, "both allocate fresh staging memory", kind="lt")
-    add("first save of a guarded run ≤ 1.3× steady save stall", ratio(_med(n, "first_prepared_stall"), steady_stall), 1.3,
+    add("first save of a guarded run ≤ 1.3× steady save stall", per_round(n, "first_prepared_stall", n, "steady_stall"), 1.3,
         "staging memory prepared in the background as the run starts (Guard.prepare), as %%checkpointed does")
-    steady_durable, first_durable = _med(n, "steady_durable"), _med(n, "first_durable")
-    add("until durable ≤ 1.3× write+fsync floor (steady save)", ratio(steady_durable, write_floor), 1.3,
-        "save() → handle.wait() / write+fsync of the same bytes")
-    add("until durable ≤ 1.3× write+fsync floor (first save, info)", ratio(first_durable, write_floor), 1.3, "")
+    add("until durable ≤ 1.3× write+fsync floor (steady save)",
+        next_to("steady_durable", "steady_durable_floor", "write_fsync"), 1.3,
+        "save() → handle.wait() / write+fsync of the same bytes to a new file, next to it")
+    add("until durable ≤ 1.3× write+fsync floor of the floors case (info)", per_round(n, "steady_durable", f, "write_fsync"),
+        1.3, "the same against the floors case of each round")
+    add("until durable ≤ 1.3× write+fsync floor (first save, info)", per_round(n, "first_durable", f, "write_fsync"), 1.3, "")
     for peer, label in (("torch_save", "torch.save+fsync"), ("dcp_save", "DCP save"), ("dcp_async", "DCP async_save"),
                         ("dcp_async_reused_stager", "DCP async_save (reused stager)"),
                         ("torchsnapshot", "torchsnapshot async_take (+fsync)")):
-        add(f"until durable < {label}", ratio(steady_durable, _med(p.get(peer), "durable")), 1.0,
+        add(f"until durable < {label}", per_round(n, "steady_durable", p.get(peer), "durable"), 1.0,
             "nbguard steady full save until durable / peer's", kind="lt")
     peer_best = best(*(_med(p.get(k), "durable") for k in p))
-    add("until durable, first save < fastest peer (info)", ratio(first_durable, peer_best), 1.0,
+    add("until durable, first save < fastest peer (info)", ratio(_med(n, "first_durable"), peer_best), 1.0,
         "the first save of a session also allocates its staging buffers", kind="lt")
-    restore = _med(n, "restore")
-    add("restore cold ≤ 1.3× cold-read floor", ratio(restore, read_floor), 1.3,
-        "nbguard load+restore into live model+optimizer / cold read of the same bytes")
-    add("restore cold ≤ 1.3× cold read into fresh memory (info)", ratio(restore, _med(f, "read_cold_fresh")), 1.3,
+    add("restore cold ≤ 1.3× cold-read floor", next_to("restore", "restore_floor", "read_cold"), 1.3,
+        "nbguard load+restore into live model+optimizer / cold read of the snapshot's own files, next to it")
+    add("restore cold ≤ 1.3× cold-read floor of the floors case (info)", per_round(n, "restore", f, "read_cold"), 1.3,
+        "the same against the floors case of each round (one file of the state's size)")
+    add("restore cold ≤ 1.3× cold read into fresh memory (info)", per_round(n, "restore", f, "read_cold_fresh"), 1.3,
         "the same, against a read that also pays the page faults a restore into new memory pays")
     for peer, key, label in (("torch_save", "restore", "torch.load"), ("torch_save", "restore_mmap", "torch.load(mmap=True)"),
                              ("torchsnapshot", "restore", "torchsnapshot restore")):
-        add(f"restore cold < {label}", ratio(restore, _med(p.get(peer), key)), 1.0, "", kind="lt")
+        add(f"restore cold < {label}", per_round(n, "restore", p.get(peer), key), 1.0, "", kind="lt")
     if fr:
         add("frozen backbone: stall ≤ 1.1× trainable-only", fr["stall_ratio"], 1.1,
             "nbguard save of the whole model / nbguard save of the head + optimizer only")
@@ -463,7 +523,7 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"median of {len(tp['pairs'])} pair(s) of {tp['seconds']:g} s script runs, plain vs @checkpointed "
                 f"(range {tp['lost_min']:+.2%} .. {tp['lost_max']:+.2%})")
     if tr:
-        per_save = tr.get("loss_per_save_s")
+        per_save, write_floor = tr.get("loss_per_save_s"), _med(f, "write_fsync")
         floor_time = (tr["written_per_save"] / (r["state_bytes"] / write_floor)) if write_floor and tr.get(
             "written_per_save") else None
         add("overhead per save ≤ 1.5× durable write of the changed bytes", ratio(per_save, floor_time), 1.5,
@@ -539,6 +599,10 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              "", f"wrote {_fmt_b(_med(n, 'unchanged_written'))}"),
             ("nbguard restore cold (model+opt)", _fmt_s(_med(n, "restore")), _rate(size, _med(n, "restore")),
              f"read {_fmt_b(_med(n, 'restore_read_bytes'))}"),
+            ("  floors next to them: copy_ / write+fsync / cold read",
+             f"{_fmt_s(_med(n, 'steady_stall_floor'))} / {_fmt_s(_med(n, 'steady_durable_floor'))} / "
+             f"{_fmt_s(_med(n, 'restore_floor'))}", "",
+             f"same bytes, just before or after the steady save and the restore; read {_fmt_b(_med(n, 'restore_floor_read_bytes'))}"),
             ("nbguard restore cold, model only", _fmt_s(_med(n, "restore_model_only")), "",
              f"read {_fmt_b(_med(n, 'restore_model_only_read_bytes'))} of {_fmt_b(r['model_bytes'])} model"),
             ("first optimizer-style update after restore", _fmt_s(_med(n, "first_update_after_restore")), "",
@@ -708,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             cases.append(("floors", floors.once))
             r["hash_gib_s"] = attempt("hashing", fl.hash_speeds, args.repeats)
         if "nbguard" in only:
-            cases.append(("nbguard", functools.partial(nbguard_once, notes=r["notes"])))
+            cases.append(("nbguard", functools.partial(nbguard_once, notes=r["notes"], paired=fl.PairedFloors())))
         if "torch_save" in only:
             cases.append(("torch_save", peers.torch_save_once))
         if "dcp" in only:

@@ -1,0 +1,43 @@
+"""The benchmark's targets: ratios of figures measured in the same rounds are taken round by round."""
+
+from __future__ import annotations
+
+from benchmarks.floors import summary
+from benchmarks.run import build_targets, per_round
+
+
+def _case(**values: list[float]) -> dict:
+    return {key: summary(v) for key, v in values.items()}
+
+
+def test_per_round_takes_the_median_of_the_ratios_within_each_round():
+    # round 1 ran during a slow minute: both sides doubled; the ratio of medians would say 2.0
+    tool = _case(t=[1.2, 2.4, 1.2])
+    floor = _case(f=[1.0, 2.0, 0.6])
+    assert per_round(tool, "t", floor, "f") == 1.2
+    assert per_round(tool, "t", _case(f=[1.0, 2.0]), "f") == 1.2 / 1.5  # rounds do not line up: medians
+    assert per_round(tool, "t", None, "f") is None
+
+
+def test_the_floor_targets_use_the_floors_measured_next_to_the_operation():
+    floors = _case(copy_prealloc=[0.10, 0.10, 0.10], write_fsync=[1.0, 1.0, 1.0], read_cold=[0.5, 0.5, 0.5],
+                   read_cold_fresh=[0.6, 0.6, 0.6])
+    nbguard = _case(steady_stall=[0.12, 0.24, 0.12], steady_stall_floor=[0.1, 0.2, 0.1],
+                    steady_durable=[1.1, 1.1, 1.1], steady_durable_floor=[1.0, 1.0, 1.0],
+                    restore=[0.6, 0.9, 0.6], restore_floor=[0.5, 0.75, 0.5],
+                    first_stall=[0.2] * 3, first_prepared_stall=[0.12] * 3, first_durable=[1.2] * 3)
+    targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
+                                                      "state_bytes": 1})}
+    stall = targets["stall ≤ 1.3× preallocated-copy floor (steady save, buffers reused)"]
+    assert (round(stall["value"], 6), stall["status"]) == (1.2, "PASS")
+    unpaired = targets["stall ≤ 1.3× preallocated-copy floor of the floors case (info)"]
+    assert (round(unpaired["value"], 6), unpaired["status"]) == (1.2, "PASS")  # median of 1.2, 2.4, 1.2
+    restore = targets["restore cold ≤ 1.3× cold-read floor"]
+    assert (round(restore["value"], 6), restore["status"]) == (1.2, "PASS")
+    assert targets["restore cold ≤ 1.3× cold-read floor of the floors case (info)"]["status"] == "PASS"
+    assert round(targets["until durable ≤ 1.3× write+fsync floor (steady save)"]["value"], 6) == 1.1
+
+    del nbguard["restore_floor"]  # a run without the paired floor falls back to the floors case
+    targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
+                                                      "state_bytes": 1})}
+    assert round(targets["restore cold ≤ 1.3× cold-read floor"]["value"], 6) == 1.2
