@@ -36,6 +36,8 @@ def test_the_floor_targets_use_the_floors_measured_next_to_the_operation():
     assert (round(restore["value"], 6), restore["status"]) == (1.2, "PASS")
     assert targets["restore cold ≤ 1.3× cold-read floor of the floors case (info)"]["status"] == "PASS"
     assert round(targets["until durable ≤ 1.3× write+fsync floor (steady save)"]["value"], 6) == 1.1
+    read_and_copy = targets["restore cold ≤ 1.3× (cold read + one copy_ of the state) (info)"]
+    assert round(read_and_copy["value"], 6) == 1.0  # 0.6 / (0.5 + 0.1), 0.9 / (0.75 + 0.2), 0.6 / (0.5 + 0.1)
 
     del nbguard["restore_floor"]  # a run without the paired floor falls back to the floors case
     targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
