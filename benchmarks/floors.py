@@ -439,10 +439,7 @@ class PairedFloors:
         preallocated buffer (as ``Floors.read_cold``)."""
         for path in paths:
             evict_file(path)
-        flat = self._destination(sum(os.path.getsize(p) for p in paths))
-        from nbguard.stores.directio import byte_view
-
-        view = byte_view(flat)
+        view = byte_views([self._destination(sum(os.path.getsize(p) for p in paths))])[0]
         with IoDelta() as io:
             t0 = time.perf_counter()
             offset = 0
