@@ -190,7 +190,7 @@ def test_checked_bytes_are_copied_from_the_page_cache_on_two_threads(tmp_path):
         assert torch.equal(out, data)
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (copy_cached also drops what it copied)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         out.zero_()
         assert reader.copy_cached(byte_view(out), 0) is False

@@ -3,7 +3,7 @@
 1. Check, reading no tensor bytes: every object is there and of the right kind, every name, shape
    and dtype fits (trees decode to placeholders), every blob header agrees with the manifest.
 2. Check every byte: storages that go straight into a live tensor's memory are hashed, one after
-   another, where their pages lie in the page cache (``hash_ranges``: a read-ahead thread reads in
+   another in the order they lie on the disk, where their pages lie in the page cache (``hash_ranges``: a read-ahead thread reads in
    the next 16 MiB piece, across storages and files, while one is hashed; the pages stay cached and
    the blob files stay open); the rest is read into fresh memory.
 3. Apply, keeping an undo record for every change: fresh bytes are swapped into live tensors (the

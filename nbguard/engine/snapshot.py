@@ -160,17 +160,24 @@ class Snapshot:
         self.check_all([key], progress)
 
     def check_all(self, keys: Iterable[str], progress: Callable[[int], None] | None = None) -> None:
-        """``check`` for several storages in order, read ahead across them (``hash_ranges``: the disk
-        does not wait at each storage's end). Stops at the first that does not match."""
+        """``check`` for several storages, read ahead across them (``hash_ranges``: the disk does not
+        wait at each storage's end). Stops at the first that does not match.
+
+        The storages are hashed in the order their bytes lie on the disk (blob by blob, front to back),
+        whatever the order of ``keys``: a saver writes storages in the order they finish, not the
+        order a restore names them, and hashing in the caller's order read the files out of order (a
+        cold 0.75 GiB restore hashed 24 storages at 22 places, with 16 KiB reads waiting on the disk
+        between the 64 MiB ones)."""
         ranges = []
         for key in keys:
             if key in self._verified:
                 continue
             reader, header, entry = self._entry(key)
             offset, nbytes, hasher, verify = entry_check(header, entry)
-            ranges.append(HashRange(reader, offset, nbytes, hasher,
-                                    functools.partial(self._checked, key, reader, verify)))
-        hash_ranges(ranges, progress)
+            ranges.append((self.manifest["storages"][key]["blob"], offset, HashRange(
+                reader, offset, nbytes, hasher, functools.partial(self._checked, key, reader, verify))))
+        ranges.sort(key=lambda r: (r[0], r[1]))
+        hash_ranges([r[2] for r in ranges], progress)
 
     def _checked(self, key: str, reader: Any, verify: Callable[[], None]) -> None:
         verify()

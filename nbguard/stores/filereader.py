@@ -218,7 +218,10 @@ class FileReader:
         the platform lacks ``RWF_NOWAIT``): those were read from the disk, and the caller must hash ``view``.
 
         Two threads copy alternate 16 MiB pieces (one thread copies at about half the memory's
-        speed), and each piece's cache pages are dropped once copied."""
+        speed). The pages are left in the cache, clean, for the kernel to reclaim when it needs them:
+        dropping each piece once copied (``POSIX_FADV_DONTNEED``) made this copy 1.3-2x slower (a
+        cold 0.75 GiB restore: 150-280 ms against 100-120 ms, the speed of a plain ``memcpy``), and
+        nothing in a restore reads them again."""
         nbytes = len(view)
         spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
         missed: list[int] = []  # pieces read from the disk (list.append is atomic)
@@ -228,8 +231,6 @@ class FileReader:
             if not self._nowait(view[begin:end], offset + begin):
                 missed.append(index)
                 self._exact(view[begin:end], offset + begin)
-            if end - begin >= SMALL:
-                _drop_cache(self._file.fileno(), offset + begin, end - begin)
 
         if len(spans) < 2:
             for index in range(len(spans)):
