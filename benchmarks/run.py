@@ -511,9 +511,17 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         "the same against the floors case of each round (one file of the state's size)")
     add("restore cold ≤ 1.3× cold read into fresh memory (info)", per_round(n, "restore", f, "read_cold_fresh"), 1.3,
         "the same, against a read that also pays the page faults a restore into new memory pays")
-    for peer, key, label in (("torch_save", "restore", "torch.load"), ("torch_save", "restore_mmap", "torch.load(mmap=True)"),
-                             ("torchsnapshot", "restore", "torchsnapshot restore")):
-        add(f"restore cold < {label}", per_round(n, "restore", p.get(peer), key), 1.0, "", kind="lt")
+    for peer, key, label, detail in (
+            ("torch_save", "restore", "torch.load", "torch.load + load_state_dict, pages touched"),
+            ("torch_save", "restore_mmap", "torch.load(mmap=True) (info)",
+             "a lazy map checks nothing, so load_state_dict copies as the disk reads; all or nothing "
+             "hashes every byte first, then copies"),
+            ("torchsnapshot", "restore", "torchsnapshot restore", "")):
+        add(f"restore cold < {label}", per_round(n, "restore", p.get(peer), key), 1.0, detail, kind="lt")
+    if n and "restore_peak_rss_increase" in n:
+        add("peak RSS increase during a restore ≤ 1× state + one 16 MiB piece",
+            ratio(_med(n, "restore_peak_rss_increase"), r["state_bytes"] + 16 * MiB), 1.0,
+            "VmHWM after − VmRSS before, cold restore into the live model + optimizer (mapped file pages included)")
     if fr:
         add("frozen backbone: stall ≤ 1.1× trainable-only", fr["stall_ratio"], 1.1,
             "nbguard save of the whole model / nbguard save of the head + optimizer only")
