@@ -13,6 +13,10 @@ page faults and CPU seconds. Both sides run with glibc's malloc thresholds pinne
 
     python -m benchmarks.throughput --cadence 30s --seconds 120 --pairs 3
     python -m benchmarks.throughput --cadence 5m --seconds 330 --pairs 1   # the default cadence
+    python -m benchmarks.throughput --cadence 5m --seconds 330 --pairs 3 --layout side-by-side
+
+``--layout side-by-side`` runs the two sides at the same time instead, one CPU each
+(``measure_side_by_side``): a finer instrument where the machine's speed drifts between processes.
 
 The model is ``benchmarks.training``'s MLP (~10.5 M parameters, ~126 MiB of state with Adam).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -91,7 +96,7 @@ import resource
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_loss,
                   "reference_s": (before + after) / 2 * steps / reference,
-                  "threads": torch.get_num_threads(), "minor_faults": usage.ru_minflt,
+                  "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)), "minor_faults": usage.ru_minflt,
                   "cpu_s": usage.ru_utime + usage.ru_stime}))
 """
 
@@ -105,15 +110,34 @@ print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_l
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-def _child(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned") -> dict[str, Any]:
+def _start(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned",
+           cpu: int | None = None) -> subprocess.Popen:
+    """A child process running ``CHILD``; with ``cpu``, it and every thread it starts (nbguard's
+    writer too) run on that one CPU, torch with one thread."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     if malloc == "pinned":
         env.update(PINNED_MALLOC)
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, folder, str(steps), every, HERE], env=env,
-                         capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    pin = None
+    if cpu is not None:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        pin = functools.partial(os.sched_setaffinity, 0, {cpu})
+    return subprocess.Popen([sys.executable, "-c", CHILD, mode, folder, str(steps), every, HERE], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+
+
+def _finish(mode: str, process: subprocess.Popen) -> dict[str, Any]:
+    try:
+        stdout, stderr = process.communicate(timeout=3600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"{mode} run failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _child(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned", cpu: int | None = None) -> dict[str, Any]:
+    return _finish(mode, _start(mode, folder, steps, every, malloc, cpu))
 
 
 def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: str = "pinned") -> dict[str, Any]:
@@ -154,7 +178,79 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
         shutil.rmtree(scratch, ignore_errors=True)
     losses = [r["lost"] for r in rounds]
     relative = [r["lost_vs_reference"] for r in rounds]
-    return {"cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s, "malloc": malloc, "pairs": rounds,
+    return {"layout": "sequential", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
+            "malloc": malloc, "pairs": rounds,
+            "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses),
+            "lost_vs_reference_median": statistics.median(relative), "lost_vs_reference_min": min(relative),
+            "lost_vs_reference_max": max(relative)}
+
+
+def side_by_side_cpus() -> tuple[int, int]:
+    """Two CPUs this process may run on (the side-by-side layout needs two)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        raise SystemExit("the side-by-side layout runs both sides at once, one CPU each: this machine "
+                         "offers fewer than two; use --layout sequential")
+    return cpus[0], cpus[1]
+
+
+def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: int = 1, log: Any = print,
+                         malloc: str = "pinned", warm_up: bool = True, calibrate_steps: int = 40) -> dict[str, Any]:
+    """Plain and guarded runs at the same time, each pinned to a CPU of its own with one torch
+    thread; the CPUs swap sides from pair to pair. The machine's drift (the sequential layout's
+    ±4 % between processes a few minutes apart here) then meets both sides in the same seconds.
+    The guarded process's background work (writer, hashing, direct I/O) runs on its own CPU, taken
+    from its training alone: an upper bound of what two threads sharing two CPUs would lose.
+    ``null_pairs`` first run plain beside plain: their spread is this layout's noise. ``warm_up``
+    runs one plain process first and discards it (see ``measure``); ``calibrate_steps`` time the
+    step that sets the number of steps per run."""
+    cpus = side_by_side_cpus()
+    scratch = tempfile.mkdtemp(prefix="nbguard-throughput-")
+    try:
+        step_s = _child("calibrate", scratch, calibrate_steps, cadence, malloc, cpu=cpus[0])["step_s"]
+        steps = max(1, round(seconds / step_s))
+        log(f"throughput @{cadence}, side by side on CPUs {cpus}: {steps} steps per run (~{step_s * 1e3:.0f} ms/step, "
+            f"one thread), {null_pairs} plain/plain and {pairs} plain/guarded pair(s), malloc {malloc}")
+        if warm_up:
+            _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 6), cadence, malloc, cpu=cpus[0])
+        rounds: list[dict[str, Any]] = []
+        nulls: list[float] = []
+        for index in range(null_pairs + pairs):
+            null = index < null_pairs
+            sides = ("plain", "plain") if null else ("plain", "guarded")
+            order = cpus if index % 2 == 0 else cpus[::-1]
+            running = []
+            for side, (mode, cpu) in enumerate(zip(sides, order, strict=True)):
+                folder = os.path.join(scratch, f"run-{index}-{side}")
+                shutil.rmtree(folder, ignore_errors=True)
+                running.append((mode, folder, _start(mode, folder, steps, cadence, malloc, cpu)))
+            times = [_finish(mode, process) for mode, _, process in running]
+            for _, folder, _ in running:
+                shutil.rmtree(folder, ignore_errors=True)
+            if times[0]["final_loss"] != times[1]["final_loss"]:
+                raise RuntimeError(f"the two sides did not do the same work: final loss {times[0]['final_loss']!r} "
+                                   f"vs {times[1]['final_loss']!r}")
+            lost = times[1]["seconds"] / times[0]["seconds"] - 1
+            if null:
+                nulls.append(lost)
+                log(f"  null pair {index}: plain {times[0]['seconds']:.1f} s on CPU {order[0]}, plain "
+                    f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}")
+                continue
+            relative = [t["seconds"] / t["reference_s"] for t in times]
+            rounds.append({"plain_s": times[0]["seconds"], "guarded_s": times[1]["seconds"], "lost": lost,
+                           "lost_vs_reference": relative[1] / relative[0] - 1, "cpus": list(order),
+                           "saves_kept": times[1]["saves_kept"], "ran_on": [t["cpus"] for t in times],
+                           "threads": [t["threads"] for t in times], "reference_s": [t["reference_s"] for t in times],
+                           "minor_faults": [t["minor_faults"] for t in times], "cpu_s": [t["cpu_s"] for t in times]})
+            log(f"  pair {index - null_pairs}: plain {times[0]['seconds']:.1f} s on CPU {order[0]}, guarded "
+                f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> lost {lost:+.2%} (CPU {times[0]['cpu_s']:.0f} / "
+                f"{times[1]['cpu_s']:.0f} s, {times[1]['saves_kept']} snapshot(s) kept)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    losses = [r["lost"] for r in rounds]
+    relative = [r["lost_vs_reference"] for r in rounds]
+    return {"layout": "side-by-side", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
+            "malloc": malloc, "pairs": rounds, "null": nulls,
             "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses),
             "lost_vs_reference_median": statistics.median(relative), "lost_vs_reference_min": min(relative),
             "lost_vs_reference_max": max(relative)}
@@ -167,11 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
                         help="glibc malloc thresholds of both sides (see PINNED_MALLOC); default: pinned")
+    parser.add_argument("--layout", choices=("sequential", "side-by-side"), default="sequential",
+                        help="sequential: A B / B A in turn, torch on every CPU; side-by-side: both at once, one CPU "
+                             "each (see measure_side_by_side)")
+    parser.add_argument("--null-pairs", type=int, default=1, help="side-by-side: plain/plain pairs run first (the noise)")
     parser.add_argument("--target", type=float, default=None, help="limit for the median lost throughput, e.g. 0.02")
     parser.add_argument("--out", default=os.path.join(HERE, "benchmarks", "results"))
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
-    result = measure(args.cadence, args.seconds, args.pairs, malloc=args.malloc)
+    if args.layout == "side-by-side":
+        result = measure_side_by_side(args.cadence, args.seconds, args.pairs, args.null_pairs, malloc=args.malloc)
+    else:
+        result = measure(args.cadence, args.seconds, args.pairs, malloc=args.malloc)
     result.update(load_start=load, load_end=os.getloadavg()[0],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -179,12 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is not None:
         verdict = " PASS" if result["lost_median"] < args.target else " MISS"
         result["target"] = args.target
-    line = (f"lost throughput @{args.cadence} (measured, {args.pairs} pair(s) of {args.seconds:g} s runs, malloc {args.malloc}): "
-            f"median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. {result['lost_max']:+.2%}"
-            f"{verdict}")
+    null = (f"; plain beside plain: {', '.join(f'{x:+.2%}' for x in result['null'])}"
+            if result.get("null") else "")
+    line = (f"lost throughput @{args.cadence} (measured, {args.layout}, {args.pairs} pair(s) of {args.seconds:g} s runs, "
+            f"malloc {args.malloc}): median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. "
+            f"{result['lost_max']:+.2%}{verdict}{null}")
     print(line)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"throughput-{args.cadence}-{time.strftime('%Y%m%d-%H%M%S')}")
+    layout = "-side-by-side" if args.layout == "side-by-side" else ""
+    stem = os.path.join(args.out, f"throughput-{args.cadence}{layout}-{time.strftime('%Y%m%d-%H%M%S')}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
