@@ -176,13 +176,17 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
                 f"{times['guarded']['minor_faults']}, CPU {times['plain']['cpu_s']:.0f} / {times['guarded']['cpu_s']:.0f} s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    losses = [r["lost"] for r in rounds]
-    relative = [r["lost_vs_reference"] for r in rounds]
     return {"layout": "sequential", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds,
-            "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses),
-            "lost_vs_reference_median": statistics.median(relative), "lost_vs_reference_min": min(relative),
-            "lost_vs_reference_max": max(relative)}
+            "malloc": malloc, "pairs": rounds, **_spread(rounds)}
+
+
+def _spread(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Median, lowest and highest lost throughput of the pairs, plain and against their own reference steps."""
+    out = {}
+    for key in ("lost", "lost_vs_reference"):
+        values = [r[key] for r in rounds]
+        out.update({f"{key}_median": statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return out
 
 
 def side_by_side_cpus() -> tuple[int, int]:
@@ -247,13 +251,8 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
                 f"{times[1]['cpu_s']:.0f} s, {times[1]['saves_kept']} snapshot(s) kept)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    losses = [r["lost"] for r in rounds]
-    relative = [r["lost_vs_reference"] for r in rounds]
     return {"layout": "side-by-side", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds, "null": nulls,
-            "lost_median": statistics.median(losses), "lost_min": min(losses), "lost_max": max(losses),
-            "lost_vs_reference_median": statistics.median(relative), "lost_vs_reference_min": min(relative),
-            "lost_vs_reference_max": max(relative)}
+            "malloc": malloc, "pairs": rounds, "null": nulls, **_spread(rounds)}
 
 
 def main(argv: list[str] | None = None) -> int:
