@@ -536,6 +536,10 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 100 * tp["lost_median"], 100 * limits.get(cadence, 0.02),
                 f"median of {len(tp['pairs'])} pair(s) of {tp['seconds']:g} s script runs, plain vs @checkpointed "
                 f"(range {tp['lost_min']:+.2%} .. {tp['lost_max']:+.2%})")
+            add(f"lost training throughput @{cadence} in %, drift-free (< {limits.get(cadence, 0.02):.1%})",
+                100 * tp["lost_drift_free_median"], 100 * limits.get(cadence, 0.02),
+                "the same runs, each step against the steps within 2 s of it (benchmarks.throughput."
+                f"drift_free_seconds; range {tp['lost_drift_free_min']:+.2%} .. {tp['lost_drift_free_max']:+.2%})")
     if tr:
         per_save, write_floor = tr.get("loss_per_save_s"), _med(f, "write_fsync")
         floor_time = (tr["written_per_save"] / (r["state_bytes"] / write_floor)) if write_floor and tr.get(
@@ -682,7 +686,8 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{tp['lost_median']:+.2%}",
                          "per pair: " + ", ".join(f"{x['lost']:+.2%}" for x in tp["pairs"])
                          + "; against each process's own reference steps: "
-                         + ", ".join(f"{x['lost_vs_reference']:+.2%}" for x in tp["pairs"])))
+                         + ", ".join(f"{x['lost_vs_reference']:+.2%}" for x in tp["pairs"])
+                         + "; drift-free: " + ", ".join(f"{x['lost_drift_free']:+.2%}" for x in tp["pairs"])))
     return rows
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -52,13 +53,19 @@ xs = torch.randn(16, 128, 1024, generator=gen)
 ys = torch.randint(0, 10, (16, 128), generator=gen)
 
 
+MARKS = []
+mark = MARKS.append  # a bound method: discovery sees no list that the loop mutates, so it saves none
+
+
 def train(steps):
+    mark(time.perf_counter())
     for step in range(steps):
         i = step % len(xs)
         loss = F.cross_entropy(model(xs[i]), ys[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        mark(time.perf_counter())
     return float(loss.detach())
 
 
@@ -80,6 +87,7 @@ reference = max(1, steps // 8)  # plain steps timed in this very process before 
 r0 = time.perf_counter()
 warm(reference)
 before = time.perf_counter() - r0
+MARKS.clear()
 t0 = time.perf_counter()
 if mode == "guarded":
     import nbguard
@@ -97,7 +105,9 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_loss,
                   "reference_s": (before + after) / 2 * steps / reference,
                   "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)), "minor_faults": usage.ru_minflt,
-                  "cpu_s": usage.ru_utime + usage.ru_stime}))
+                  "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "outside_loop_s": seconds - (MARKS[-1] - MARKS[0]),
+                  "step_s": [b - a for a, b in zip(MARKS, MARKS[1:])]}))
 """
 
 
@@ -140,8 +150,10 @@ def _child(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned
     return _finish(mode, _start(mode, folder, steps, every, malloc, cpu))
 
 
-def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: str = "pinned") -> dict[str, Any]:
-    """Interleaved plain/guarded runs of ``seconds`` each; see the module docstring and ``PINNED_MALLOC``."""
+def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: str = "pinned",
+            null_pairs: int = 0) -> dict[str, Any]:
+    """Interleaved plain/guarded runs of ``seconds`` each; see the module docstring and ``PINNED_MALLOC``.
+    ``null_pairs`` plain/plain pairs run first: what the figures read when nothing was added."""
     scratch = tempfile.mkdtemp(prefix="nbguard-throughput-")
     try:
         step_s = _child("calibrate", scratch, 60, cadence, malloc)["step_s"]
@@ -150,6 +162,15 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
         # Discarded: the first full-length process after a pause ran up to 30 % slower here, whichever
         # side it was (measured: plain 32.0 s then guarded 21.4 s; guarded 26.0 s then plain 25.0 s).
         _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 3), cadence, malloc)
+        nulls: list[float] = []
+        nulls_drift_free: list[float] = []
+        for index in range(null_pairs):
+            first, second = (_child("plain", os.path.join(scratch, f"null-{index}-{side}"), steps, cadence, malloc)
+                             for side in range(2))
+            nulls.append(second["seconds"] / first["seconds"] - 1)
+            nulls_drift_free.append(lost_drift_free(first, second))
+            log(f"  null pair {index}: plain {first['seconds']:.1f} s, plain {second['seconds']:.1f} s -> {nulls[-1]:+.2%}; "
+                f"drift-free {nulls_drift_free[-1]:+.2%}")
         rounds = []
         for pair in range(pairs):
             times = {}
@@ -166,24 +187,66 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
             # by ±10 % from process to process here, measured in its own CPU seconds)
             relative = {m: t["seconds"] / t["reference_s"] for m, t in times.items()}
             lost_ref = relative["guarded"] / relative["plain"] - 1
+            drift_free = lost_drift_free(times["plain"], times["guarded"])
             rounds.append({"plain_s": times["plain"]["seconds"], "guarded_s": times["guarded"]["seconds"],
-                           "lost": lost, "lost_vs_reference": lost_ref, "saves_kept": times["guarded"]["saves_kept"],
+                           "lost": lost, "lost_vs_reference": lost_ref, "lost_drift_free": drift_free,
+                           "outside_loop_s": [times["plain"]["outside_loop_s"], times["guarded"]["outside_loop_s"]],
+                           "saves_kept": times["guarded"]["saves_kept"],
                            "reference_s": [times["plain"]["reference_s"], times["guarded"]["reference_s"]],
                            "minor_faults": [times["plain"]["minor_faults"], times["guarded"]["minor_faults"]],
                            "cpu_s": [times["plain"]["cpu_s"], times["guarded"]["cpu_s"]]})
             log(f"  pair {pair}: plain {times['plain']['seconds']:.1f} s, guarded {times['guarded']['seconds']:.1f} s"
-                f" -> lost {lost:+.2%}; against each process's own reference steps {lost_ref:+.2%} (minor page faults {times['plain']['minor_faults']} / "
+                f" -> lost {lost:+.2%}; against each process's own reference steps {lost_ref:+.2%}; drift-free "
+                f"{drift_free:+.2%} (minor page faults {times['plain']['minor_faults']} / "
                 f"{times['guarded']['minor_faults']}, CPU {times['plain']['cpu_s']:.0f} / {times['guarded']['cpu_s']:.0f} s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"layout": "sequential", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds, **_spread(rounds)}
+            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free, **_spread(rounds)}
+
+
+# Steps within this many seconds either side of a step set its local pace (``drift_free_seconds``).
+# The machine drifts over tens of seconds; a save's stall and its writer's work last well under a
+# second at this benchmark's 126 MiB, so they stay a small minority of any window.
+WINDOW_S = 2.0
+
+
+def drift_free_seconds(run: dict[str, Any], pace: float, window_s: float = WINDOW_S) -> float:
+    """A run's seconds with the machine's slow drift taken out, everything nbguard adds kept.
+
+    The run's time is the time outside the training loop (import, guard, discovery, the final save
+    and the wait for it: all timed as they are) plus its steps. Each step (its safe point and any
+    save stall included) counts as ``pace`` plus its excess over the median of the steps within
+    ``window_s`` seconds of it: a step slowed by a save or by the writer beside it keeps its excess,
+    while a minute in which the whole machine ran 10 % slower no longer counts. Two runs given the
+    same ``pace`` (the plain side's median step) then differ by what the guarded side added. What
+    this cannot see is a slowdown of every step alike, which is the safe point's cost per iteration
+    (``benchmarks.safe_point_overhead``)."""
+    steps = run["step_s"]
+    ends = list(itertools.accumulate(steps))
+    excess = 0.0
+    lo = hi = 0
+    for i, step in enumerate(steps):
+        middle = ends[i] - step / 2
+        while ends[lo] - steps[lo] / 2 < middle - window_s:
+            lo += 1
+        while hi + 1 < len(steps) and ends[hi + 1] - steps[hi + 1] / 2 <= middle + window_s:
+            hi += 1
+        excess += step - statistics.median(steps[lo:hi + 1])
+    return run["outside_loop_s"] + len(steps) * pace + excess
+
+
+def lost_drift_free(plain: dict[str, Any], guarded: dict[str, Any], window_s: float = WINDOW_S) -> float:
+    """Lost throughput of a pair from ``drift_free_seconds``, both sides at the plain run's median step."""
+    pace = statistics.median(plain["step_s"])
+    return drift_free_seconds(guarded, pace, window_s) / drift_free_seconds(plain, pace, window_s) - 1
 
 
 def _spread(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    """Median, lowest and highest lost throughput of the pairs, plain and against their own reference steps."""
+    """Median, lowest and highest lost throughput of the pairs: end to end, against each process's
+    own reference steps, and drift-free."""
     out = {}
-    for key in ("lost", "lost_vs_reference"):
+    for key in ("lost", "lost_vs_reference", "lost_drift_free"):
         values = [r[key] for r in rounds]
         out.update({f"{key}_median": statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
     return out
@@ -219,6 +282,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
             _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 6), cadence, malloc, cpu=cpus[0])
         rounds: list[dict[str, Any]] = []
         nulls: list[float] = []
+        nulls_drift_free: list[float] = []
         for index in range(null_pairs + pairs):
             null = index < null_pairs
             sides = ("plain", "plain") if null else ("plain", "guarded")
@@ -237,12 +301,15 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
             lost = times[1]["seconds"] / times[0]["seconds"] - 1
             if null:
                 nulls.append(lost)
+                nulls_drift_free.append(lost_drift_free(times[0], times[1]))
                 log(f"  null pair {index}: plain {times[0]['seconds']:.1f} s on CPU {order[0]}, plain "
-                    f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}")
+                    f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}; drift-free {nulls_drift_free[-1]:+.2%}")
                 continue
             relative = [t["seconds"] / t["reference_s"] for t in times]
             rounds.append({"plain_s": times[0]["seconds"], "guarded_s": times[1]["seconds"], "lost": lost,
-                           "lost_vs_reference": relative[1] / relative[0] - 1, "cpus": list(order),
+                           "lost_vs_reference": relative[1] / relative[0] - 1,
+                           "lost_drift_free": lost_drift_free(times[0], times[1]),
+                           "outside_loop_s": [t["outside_loop_s"] for t in times], "cpus": list(order),
                            "saves_kept": times[1]["saves_kept"], "ran_on": [t["cpus"] for t in times],
                            "threads": [t["threads"] for t in times], "reference_s": [t["reference_s"] for t in times],
                            "minor_faults": [t["minor_faults"] for t in times], "cpu_s": [t["cpu_s"] for t in times]})
@@ -252,7 +319,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"layout": "side-by-side", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds, "null": nulls, **_spread(rounds)}
+            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free, **_spread(rounds)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=("sequential", "side-by-side"), default="sequential",
                         help="sequential: A B / B A in turn, torch on every CPU; side-by-side: both at once, one CPU "
                              "each (see measure_side_by_side)")
-    parser.add_argument("--null-pairs", type=int, default=1, help="side-by-side: plain/plain pairs run first (the noise)")
+    parser.add_argument("--null-pairs", type=int, default=1, help="plain/plain pairs run first (what the figures read "
+                        "when nothing was added; default 1)")
     parser.add_argument("--target", type=float, default=None, help="limit for the median lost throughput, e.g. 0.02")
     parser.add_argument("--out", default=os.path.join(HERE, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -273,19 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.layout == "side-by-side":
         result = measure_side_by_side(args.cadence, args.seconds, args.pairs, args.null_pairs, malloc=args.malloc)
     else:
-        result = measure(args.cadence, args.seconds, args.pairs, malloc=args.malloc)
+        result = measure(args.cadence, args.seconds, args.pairs, malloc=args.malloc, null_pairs=args.null_pairs)
     result.update(load_start=load, load_end=os.getloadavg()[0],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]))
-    verdict = ""
+    verdicts = {"lost": "", "lost_drift_free": ""}
     if args.target is not None:
-        verdict = " PASS" if result["lost_median"] < args.target else " MISS"
+        verdicts = {k: " PASS" if result[f"{k}_median"] < args.target else " MISS" for k in verdicts}
         result["target"] = args.target
-    null = (f"; plain beside plain: {', '.join(f'{x:+.2%}' for x in result['null'])}"
-            if result.get("null") else "")
+    null = (f"; plain/plain: {', '.join(f'{x:+.2%}' for x in result['null'])} end to end, "
+            f"{', '.join(f'{x:+.2%}' for x in result['null_drift_free'])} drift-free" if result.get("null") else "")
     line = (f"lost throughput @{args.cadence} (measured, {args.layout}, {args.pairs} pair(s) of {args.seconds:g} s runs, "
-            f"malloc {args.malloc}): median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. "
-            f"{result['lost_max']:+.2%}{verdict}{null}")
+            f"malloc {args.malloc}): end to end median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. "
+            f"{result['lost_max']:+.2%}{verdicts['lost']}; drift-free median {result['lost_drift_free_median']:+.2%}, "
+            f"range {result['lost_drift_free_min']:+.2%} .. {result['lost_drift_free_max']:+.2%}{verdicts['lost_drift_free']}"
+            f"{null}")
     print(line)
     os.makedirs(args.out, exist_ok=True)
     layout = "-side-by-side" if args.layout == "side-by-side" else ""
@@ -294,10 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {line}\n\n`{result['command']}` · {result['date']} · load {load:.1f} → {result['load_end']:.1f}\n\n"
-                "| pair | plain s | guarded s | lost | snapshots kept | minor faults plain / guarded | CPU s plain / guarded |\n"
-                "|---|---|---|---|---|---|---|\n")
+                "| pair | plain s | guarded s | lost end to end | lost drift-free | outside the loop s plain / guarded "
+                "| snapshots kept | minor faults plain / guarded | CPU s plain / guarded |\n"
+                "|---|---|---|---|---|---|---|---|---|\n")
         for i, r in enumerate(result["pairs"]):
-            f.write(f"| {i} | {r['plain_s']:.1f} | {r['guarded_s']:.1f} | {r['lost']:+.2%} | {r['saves_kept']} | "
+            f.write(f"| {i} | {r['plain_s']:.1f} | {r['guarded_s']:.1f} | {r['lost']:+.2%} | {r['lost_drift_free']:+.2%} | "
+                    f"{r['outside_loop_s'][0]:.2f} / {r['outside_loop_s'][1]:.2f} | {r['saves_kept']} | "
                     f"{r['minor_faults'][0]} / {r['minor_faults'][1]} | {r['cpu_s'][0]:.0f} / {r['cpu_s'][1]:.0f} |\n")
     return 0
 

@@ -5,20 +5,49 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.throughput import PINNED_MALLOC, measure
+from benchmarks.throughput import PINNED_MALLOC, drift_free_seconds, lost_drift_free, measure
+
+
+def _run(steps: list[float], outside: float = 0.5) -> dict:
+    return {"step_s": steps, "outside_loop_s": outside, "seconds": outside + sum(steps)}
+
+
+def test_drift_free_seconds_drop_a_slow_machine_but_keep_what_was_added():
+    """A minute at 10 % lower speed is the machine, not the guard: it no longer counts. A 0.4 s
+    stall and 0.3 s more outside the loop are what the guard added: they count in full."""
+    steady = [0.1] * 1200  # two minutes of 100 ms steps
+    slow_minute = [0.1] * 600 + [0.11] * 600
+    assert sum(slow_minute) - sum(steady) == pytest.approx(6.0)  # end to end: a 5 % loss
+    assert drift_free_seconds(_run(slow_minute), 0.1) == pytest.approx(drift_free_seconds(_run(steady), 0.1), abs=0.2)
+
+    guarded = list(slow_minute)
+    guarded[300] += 0.4  # a save's stall
+    for i in range(900, 905):
+        guarded[i] += 0.02  # the writer beside five steps
+    lost = lost_drift_free(_run(steady), _run(guarded, outside=0.8))
+    added = 0.4 + 5 * 0.02 + 0.3
+    assert lost == pytest.approx(added / (0.5 + 120.0), abs=0.2 / 120)
+
+
+def test_drift_free_seconds_count_the_steps_at_the_pace_given():
+    run = _run([0.2, 0.2, 0.2, 0.2], outside=1.0)
+    assert drift_free_seconds(run, 0.1) == pytest.approx(1.0 + 4 * 0.1)
 
 
 @pytest.mark.e2e
 def test_throughput_benchmark_measures_one_pair_end_to_end():
     lines: list[str] = []
-    result = measure("30s", 0.5, 1, log=lines.append)
+    result = measure("30s", 0.5, 1, log=lines.append, null_pairs=1)
     (pair,) = result["pairs"]
+    assert len(result["null"]) == len(result["null_drift_free"]) == 1 and "null pair" in lines[1]
+    assert pair["outside_loop_s"][1] > 0 and result["lost_drift_free_median"] == pair["lost_drift_free"]
     assert pair["plain_s"] > 0 and pair["guarded_s"] > 0
     assert pair["saves_kept"] >= 1  # the guarded side really saved (at least the final save)
     assert all(r > 0 for r in pair["reference_s"]) and all(f > 0 for f in pair["minor_faults"])
     assert result["malloc"] == "pinned" and set(PINNED_MALLOC) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
     assert result["lost_median"] == pair["lost"]
-    assert "malloc pinned" in lines[0] and "against each process's own reference steps" in lines[1]
+    assert "malloc pinned" in lines[0] and "against each process's own reference steps" in lines[2]
+    assert "drift-free" in lines[2]
 
 
 @pytest.mark.e2e
