@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +90,16 @@ warm(reference)
 before = time.perf_counter() - r0
 MARKS.clear()
 t0 = time.perf_counter()
+SAVES = []
 if mode == "guarded":
     import nbguard
+    save = nbguard.Guard.save
+
+    def timed_save(self, *args, **kwargs):  # when each save began; every save of a run goes through here
+        SAVES.append(time.perf_counter())
+        return save(self, *args, **kwargs)
+
+    nbguard.Guard.save = timed_save
     fn = nbguard.checkpointed(every=every, dir=folder, name="bench")(train)
 else:
     fn = train
@@ -107,7 +116,8 @@ print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_l
                   "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)), "minor_faults": usage.ru_minflt,
                   "cpu_s": usage.ru_utime + usage.ru_stime,
                   "outside_loop_s": seconds - (MARKS[-1] - MARKS[0]),
-                  "step_s": [b - a for a, b in zip(MARKS, MARKS[1:])]}))
+                  "step_s": [b - a for a, b in zip(MARKS, MARKS[1:])],
+                  "save_at": [t - MARKS[0] for t in SAVES]}))
 """
 
 
@@ -164,13 +174,15 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
         _child("plain", os.path.join(scratch, "warm-up"), max(1, steps // 3), cadence, malloc)
         nulls: list[float] = []
         nulls_drift_free: list[float] = []
+        nulls_at_saves: list[float] = []
         for index in range(null_pairs):
             first, second = (_child("plain", os.path.join(scratch, f"null-{index}-{side}"), steps, cadence, malloc)
                              for side in range(2))
             nulls.append(second["seconds"] / first["seconds"] - 1)
             nulls_drift_free.append(lost_drift_free(first, second))
+            nulls_at_saves.append(lost_drift_free(first, second, around=cadence_moments(cadence, first)))
             log(f"  null pair {index}: plain {first['seconds']:.1f} s, plain {second['seconds']:.1f} s -> {nulls[-1]:+.2%}; "
-                f"drift-free {nulls_drift_free[-1]:+.2%}")
+                f"drift-free {nulls_drift_free[-1]:+.2%}; at saves {nulls_at_saves[-1]:+.2%}")
         rounds = []
         for pair in range(pairs):
             times = {}
@@ -188,8 +200,11 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
             relative = {m: t["seconds"] / t["reference_s"] for m, t in times.items()}
             lost_ref = relative["guarded"] / relative["plain"] - 1
             drift_free = lost_drift_free(times["plain"], times["guarded"])
+            at_saves = lost_drift_free(times["plain"], times["guarded"], around=save_moments(times["guarded"]))
             rounds.append({"plain_s": times["plain"]["seconds"], "guarded_s": times["guarded"]["seconds"],
                            "lost": lost, "lost_vs_reference": lost_ref, "lost_drift_free": drift_free,
+                           "lost_at_saves": at_saves, "save_at": times["guarded"]["save_at"],
+                           "saves_in_loop": _in_loop(times["guarded"]),
                            "outside_loop_s": [times["plain"]["outside_loop_s"], times["guarded"]["outside_loop_s"]],
                            "saves_kept": times["guarded"]["saves_kept"],
                            "reference_s": [times["plain"]["reference_s"], times["guarded"]["reference_s"]],
@@ -197,21 +212,27 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
                            "cpu_s": [times["plain"]["cpu_s"], times["guarded"]["cpu_s"]]})
             log(f"  pair {pair}: plain {times['plain']['seconds']:.1f} s, guarded {times['guarded']['seconds']:.1f} s"
                 f" -> lost {lost:+.2%}; against each process's own reference steps {lost_ref:+.2%}; drift-free "
-                f"{drift_free:+.2%} (minor page faults {times['plain']['minor_faults']} / "
+                f"{drift_free:+.2%}, at saves {at_saves:+.2%} (minor page faults {times['plain']['minor_faults']} / "
                 f"{times['guarded']['minor_faults']}, CPU {times['plain']['cpu_s']:.0f} / {times['guarded']['cpu_s']:.0f} s)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"layout": "sequential", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free, **_spread(rounds)}
+            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free,
+            "null_at_saves": nulls_at_saves, **_spread(rounds)}
 
 
 # Steps within this many seconds either side of a step set its local pace (``drift_free_seconds``).
 # The machine drifts over tens of seconds; a save's stall and its writer's work last well under a
 # second at this benchmark's 126 MiB, so they stay a small minority of any window.
 WINDOW_S = 2.0
+# What ``drift_free_seconds(around=...)`` counts around each save: from 1 s before it (its stall
+# falls in the step that holds the safe point) to 5 s after (the writer's hashing and direct I/O of
+# a 126 MiB state take well under a second here).
+SPAN = (1.0, 5.0)
 
 
-def drift_free_seconds(run: dict[str, Any], pace: float, window_s: float = WINDOW_S) -> float:
+def drift_free_seconds(run: dict[str, Any], pace: float, window_s: float = WINDOW_S,
+                       around: Sequence[float] | None = None, span: tuple[float, float] = SPAN) -> float:
     """A run's seconds with the machine's slow drift taken out, everything nbguard adds kept.
 
     The run's time is the time outside the training loop (import, guard, discovery, the final save
@@ -221,32 +242,60 @@ def drift_free_seconds(run: dict[str, Any], pace: float, window_s: float = WINDO
     while a minute in which the whole machine ran 10 % slower no longer counts. Two runs given the
     same ``pace`` (the plain side's median step) then differ by what the guarded side added. What
     this cannot see is a slowdown of every step alike, which is the safe point's cost per iteration
-    (``benchmarks.safe_point_overhead``)."""
+    (``benchmarks.safe_point_overhead``).
+
+    With ``around`` (seconds from the loop's start), only steps whose middle lies from ``span[0]``
+    seconds before to ``span[1]`` seconds after one of those moments keep their excess; the others
+    count as ``pace`` exactly. Given a guarded run's save times for both runs of a pair, this drops
+    the jitter of the minutes between saves, in which nbguard does nothing."""
     steps = run["step_s"]
     ends = list(itertools.accumulate(steps))
+    middles = [end - step / 2 for end, step in zip(ends, steps, strict=True)]
     excess = 0.0
     lo = hi = 0
     for i, step in enumerate(steps):
-        middle = ends[i] - step / 2
-        while ends[lo] - steps[lo] / 2 < middle - window_s:
+        while middles[lo] < middles[i] - window_s:
             lo += 1
-        while hi + 1 < len(steps) and ends[hi + 1] - steps[hi + 1] / 2 <= middle + window_s:
+        while hi + 1 < len(steps) and middles[hi + 1] <= middles[i] + window_s:
             hi += 1
-        excess += step - statistics.median(steps[lo:hi + 1])
+        if around is None or any(t - span[0] <= middles[i] <= t + span[1] for t in around):
+            excess += step - statistics.median(steps[lo:hi + 1])
     return run["outside_loop_s"] + len(steps) * pace + excess
 
 
-def lost_drift_free(plain: dict[str, Any], guarded: dict[str, Any], window_s: float = WINDOW_S) -> float:
-    """Lost throughput of a pair from ``drift_free_seconds``, both sides at the plain run's median step."""
+def lost_drift_free(plain: dict[str, Any], guarded: dict[str, Any], window_s: float = WINDOW_S,
+                    around: Sequence[float] | None = None) -> float:
+    """Lost throughput of a pair from ``drift_free_seconds``, both sides at the plain run's median
+    step and, with ``around``, the same moments for both."""
     pace = statistics.median(plain["step_s"])
-    return drift_free_seconds(guarded, pace, window_s) / drift_free_seconds(plain, pace, window_s) - 1
+    return (drift_free_seconds(guarded, pace, window_s, around)
+            / drift_free_seconds(plain, pace, window_s, around) - 1)
+
+
+def save_moments(guarded: dict[str, Any]) -> list[float]:
+    """Where a guarded run's saves began, in seconds from its loop's start, and the start itself
+    (where the run prepares its staging memory in the background)."""
+    return [0.0, *guarded["save_at"]]
+
+
+def _in_loop(guarded: dict[str, Any]) -> int:
+    """How many of a guarded run's saves began inside its training loop (not before or after it)."""
+    return sum(0 <= t <= sum(guarded["step_s"]) for t in guarded["save_at"])
+
+
+def cadence_moments(cadence: str, run: dict[str, Any]) -> list[float]:
+    """For a plain/plain pair: where a guarded run's saves would have begun."""
+    from nbguard.training.options import parse_duration
+
+    every = parse_duration(cadence)
+    return [k * every for k in range(int(sum(run["step_s"]) // every) + 1)]
 
 
 def _spread(rounds: list[dict[str, Any]]) -> dict[str, float]:
     """Median, lowest and highest lost throughput of the pairs: end to end, against each process's
-    own reference steps, and drift-free."""
+    own reference steps, drift-free, and drift-free at saves."""
     out = {}
-    for key in ("lost", "lost_vs_reference", "lost_drift_free"):
+    for key in ("lost", "lost_vs_reference", "lost_drift_free", "lost_at_saves"):
         values = [r[key] for r in rounds]
         out.update({f"{key}_median": statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
     return out
@@ -283,6 +332,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
         rounds: list[dict[str, Any]] = []
         nulls: list[float] = []
         nulls_drift_free: list[float] = []
+        nulls_at_saves: list[float] = []
         for index in range(null_pairs + pairs):
             null = index < null_pairs
             sides = ("plain", "plain") if null else ("plain", "guarded")
@@ -302,13 +352,17 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
             if null:
                 nulls.append(lost)
                 nulls_drift_free.append(lost_drift_free(times[0], times[1]))
+                nulls_at_saves.append(lost_drift_free(times[0], times[1], around=cadence_moments(cadence, times[0])))
                 log(f"  null pair {index}: plain {times[0]['seconds']:.1f} s on CPU {order[0]}, plain "
-                    f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}; drift-free {nulls_drift_free[-1]:+.2%}")
+                    f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}; drift-free {nulls_drift_free[-1]:+.2%}; "
+                    f"at saves {nulls_at_saves[-1]:+.2%}")
                 continue
             relative = [t["seconds"] / t["reference_s"] for t in times]
             rounds.append({"plain_s": times[0]["seconds"], "guarded_s": times[1]["seconds"], "lost": lost,
                            "lost_vs_reference": relative[1] / relative[0] - 1,
                            "lost_drift_free": lost_drift_free(times[0], times[1]),
+                           "lost_at_saves": lost_drift_free(times[0], times[1], around=save_moments(times[1])),
+                           "save_at": times[1]["save_at"], "saves_in_loop": _in_loop(times[1]),
                            "outside_loop_s": [t["outside_loop_s"] for t in times], "cpus": list(order),
                            "saves_kept": times[1]["saves_kept"], "ran_on": [t["cpus"] for t in times],
                            "threads": [t["threads"] for t in times], "reference_s": [t["reference_s"] for t in times],
@@ -319,7 +373,8 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"layout": "side-by-side", "cadence": cadence, "seconds": seconds, "steps": steps, "step_s": step_s,
-            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free, **_spread(rounds)}
+            "malloc": malloc, "pairs": rounds, "null": nulls, "null_drift_free": nulls_drift_free,
+            "null_at_saves": nulls_at_saves, **_spread(rounds)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,17 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     result.update(load_start=load, load_end=os.getloadavg()[0],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]))
-    verdicts = {"lost": "", "lost_drift_free": ""}
+    verdicts = {"lost": "", "lost_drift_free": "", "lost_at_saves": ""}
     if args.target is not None:
         verdicts = {k: " PASS" if result[f"{k}_median"] < args.target else " MISS" for k in verdicts}
         result["target"] = args.target
     null = (f"; plain/plain: {', '.join(f'{x:+.2%}' for x in result['null'])} end to end, "
-            f"{', '.join(f'{x:+.2%}' for x in result['null_drift_free'])} drift-free" if result.get("null") else "")
+            f"{', '.join(f'{x:+.2%}' for x in result['null_drift_free'])} drift-free, "
+            f"{', '.join(f'{x:+.2%}' for x in result['null_at_saves'])} at saves" if result.get("null") else "")
     line = (f"lost throughput @{args.cadence} (measured, {args.layout}, {args.pairs} pair(s) of {args.seconds:g} s runs, "
             f"malloc {args.malloc}): end to end median {result['lost_median']:+.2%}, range {result['lost_min']:+.2%} .. "
             f"{result['lost_max']:+.2%}{verdicts['lost']}; drift-free median {result['lost_drift_free_median']:+.2%}, "
-            f"range {result['lost_drift_free_min']:+.2%} .. {result['lost_drift_free_max']:+.2%}{verdicts['lost_drift_free']}"
-            f"{null}")
+            f"range {result['lost_drift_free_min']:+.2%} .. {result['lost_drift_free_max']:+.2%}{verdicts['lost_drift_free']}; "
+            f"at saves median {result['lost_at_saves_median']:+.2%}, range {result['lost_at_saves_min']:+.2%} .. "
+            f"{result['lost_at_saves_max']:+.2%}{verdicts['lost_at_saves']}{null}")
     print(line)
     os.makedirs(args.out, exist_ok=True)
     layout = "-side-by-side" if args.layout == "side-by-side" else ""
@@ -364,11 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {line}\n\n`{result['command']}` · {result['date']} · load {load:.1f} → {result['load_end']:.1f}\n\n"
-                "| pair | plain s | guarded s | lost end to end | lost drift-free | outside the loop s plain / guarded "
-                "| snapshots kept | minor faults plain / guarded | CPU s plain / guarded |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
+                "| pair | plain s | guarded s | lost end to end | drift-free | drift-free at saves | saves (in the loop) "
+                "| outside the loop s plain / guarded | snapshots kept | minor faults plain / guarded | CPU s plain / guarded |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
         for i, r in enumerate(result["pairs"]):
             f.write(f"| {i} | {r['plain_s']:.1f} | {r['guarded_s']:.1f} | {r['lost']:+.2%} | {r['lost_drift_free']:+.2%} | "
+                    f"{r['lost_at_saves']:+.2%} | {len(r['save_at'])} ({r['saves_in_loop']}) | "
                     f"{r['outside_loop_s'][0]:.2f} / {r['outside_loop_s'][1]:.2f} | {r['saves_kept']} | "
                     f"{r['minor_faults'][0]} / {r['minor_faults'][1]} | {r['cpu_s'][0]:.0f} / {r['cpu_s'][1]:.0f} |\n")
     return 0

@@ -29,6 +29,17 @@ def test_drift_free_seconds_drop_a_slow_machine_but_keep_what_was_added():
     assert lost == pytest.approx(added / (0.5 + 120.0), abs=0.2 / 120)
 
 
+def test_at_saves_counts_only_the_steps_around_the_moments_given():
+    """Jitter far from any save is the machine's; a stall within the span of a save is the guard's."""
+    plain = [0.1] * 1200
+    guarded = list(plain)
+    guarded[300] += 0.4  # a stall at 30 s, where a save began
+    guarded[700] += 0.5  # a hiccup of the host at 70 s, far from any save
+    lost = lost_drift_free(_run(plain), _run(guarded), around=[29.95])
+    assert lost == pytest.approx(0.4 / 120.5, rel=0.05)
+    assert lost_drift_free(_run(plain), _run(guarded)) == pytest.approx(0.9 / 120.5, rel=0.05)
+
+
 def test_drift_free_seconds_count_the_steps_at_the_pace_given():
     run = _run([0.2, 0.2, 0.2, 0.2], outside=1.0)
     assert drift_free_seconds(run, 0.1) == pytest.approx(1.0 + 4 * 0.1)
@@ -41,6 +52,7 @@ def test_throughput_benchmark_measures_one_pair_end_to_end():
     (pair,) = result["pairs"]
     assert len(result["null"]) == len(result["null_drift_free"]) == 1 and "null pair" in lines[1]
     assert pair["outside_loop_s"][1] > 0 and result["lost_drift_free_median"] == pair["lost_drift_free"]
+    assert pair["save_at"] and result["lost_at_saves_median"] == pair["lost_at_saves"]  # saves were timed
     assert pair["plain_s"] > 0 and pair["guarded_s"] > 0
     assert pair["saves_kept"] >= 1  # the guarded side really saved (at least the final save)
     assert all(r > 0 for r in pair["reference_s"]) and all(f > 0 for f in pair["minor_faults"])
