@@ -86,12 +86,12 @@ def main() -> None:
     touched = torch.ones(nbytes, dtype=torch.uint8)
     path = os.path.join(args.folder, f".first-touch-{os.getpid()}.bin")
     with open(path, "wb") as f:
-        f.write(memoryview(source.numpy()))
+        f.write(source.numpy().data)
     fd = os.open(path, os.O_RDONLY)
     cases = {
         "first touch 4 KiB": lambda: first_touch(nbytes, huge=False),
         "first touch THP": lambda: first_touch(nbytes, huge=True),
-        "copy from page cache": lambda: copy_from_cache(fd, memoryview(touched.numpy())),
+        "copy from page cache": lambda: copy_from_cache(fd, touched.numpy().data),
         "copy_ touched": lambda: copy_touched(touched, source),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
