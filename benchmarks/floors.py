@@ -35,7 +35,7 @@ import mmap
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,7 @@ def settle() -> None:
         path = os.path.join(PRIME_DIR, f".prime-{os.getpid()}.bin")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(_prime_buffer)
+            view = _prime_buffer.data
             for _ in range(-(-PRIME_BYTES // CHUNK)):
                 os.write(fd, view)
         finally:
@@ -477,8 +477,8 @@ def hash_speeds(repeats: int) -> dict[str, float]:
     import xxhash
 
     data = np.random.default_rng(0).integers(0, 256, 256 * MiB, dtype=np.uint8)
-    view = memoryview(data)
-    hashers = {
+    view = data.data
+    hashers: dict[str, Callable[[], Any]] = {
         "xxh3_128": functools.partial(xxhash.xxh3_128, view),
         "sha256": functools.partial(hashlib.sha256, view),
         "md5": functools.partial(hashlib.md5, view),
