@@ -24,6 +24,7 @@ The model is ``benchmarks.training``'s MLP (~10.5 M parameters, ~126 MiB of stat
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import functools
 import itertools
@@ -130,6 +131,31 @@ print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_l
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
+_SCRIPT: list[str] = []
+
+
+def _child_script() -> str:
+    """``CHILD`` as a file. It must be one: nbguard rewrites a function's loops from its source, and
+    code run by ``python -c`` has none, so under ``-c`` the guarded run had no safe point and saved
+    only when its loop had ended (which is what this benchmark measured until stop 26)."""
+    if not _SCRIPT:
+        fd, path = tempfile.mkstemp(prefix="nbguard_throughput_child_", suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(CHILD)
+        atexit.register(os.remove, path)
+        _SCRIPT.append(path)
+    return _SCRIPT[0]
+
+
+def _check_saved_in_loop(guarded: dict[str, Any], cadence: str) -> None:
+    """RuntimeError if a guarded run that lasted longer than its cadence saved only outside its loop."""
+    from nbguard.training.options import parse_duration
+
+    if sum(guarded["step_s"]) > parse_duration(cadence) + 1 and not _in_loop(guarded):
+        raise RuntimeError(f"the guarded run trained {sum(guarded['step_s']):.0f} s at --every {cadence} and "
+                           "never saved inside its loop: nbguard found no safe point in it")
+
+
 def _start(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned",
            cpu: int | None = None) -> subprocess.Popen:
     """A child process running ``CHILD``; with ``cpu``, it and every thread it starts (nbguard's
@@ -141,7 +167,7 @@ def _start(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned
     if cpu is not None:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         pin = functools.partial(os.sched_setaffinity, 0, {cpu})
-    return subprocess.Popen([sys.executable, "-c", CHILD, mode, folder, str(steps), every, HERE], env=env,
+    return subprocess.Popen([sys.executable, _child_script(), mode, folder, str(steps), every, HERE], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
 
 
@@ -199,6 +225,7 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
             # by ±10 % from process to process here, measured in its own CPU seconds)
             relative = {m: t["seconds"] / t["reference_s"] for m, t in times.items()}
             lost_ref = relative["guarded"] / relative["plain"] - 1
+            _check_saved_in_loop(times["guarded"], cadence)
             drift_free = lost_drift_free(times["plain"], times["guarded"])
             at_saves = lost_drift_free(times["plain"], times["guarded"], around=save_moments(times["guarded"]))
             rounds.append({"plain_s": times["plain"]["seconds"], "guarded_s": times["guarded"]["seconds"],
@@ -357,6 +384,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
                     f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}; drift-free {nulls_drift_free[-1]:+.2%}; "
                     f"at saves {nulls_at_saves[-1]:+.2%}")
                 continue
+            _check_saved_in_loop(times[1], cadence)
             relative = [t["seconds"] / t["reference_s"] for t in times]
             rounds.append({"plain_s": times[0]["seconds"], "guarded_s": times[1]["seconds"], "lost": lost,
                            "lost_vs_reference": relative[1] / relative[0] - 1,

@@ -78,3 +78,23 @@ def test_side_by_side_layout_runs_both_sides_at_once_one_cpu_each():
     assert pair["ran_on"] == [[cpu] for cpu in pair["cpus"]] and pair["threads"] == [1, 1]
     assert pair["saves_kept"] >= 1 and pair["plain_s"] > 0 and pair["guarded_s"] > 0
     assert result["layout"] == "side-by-side" and result["lost_median"] == pair["lost"]
+
+
+@pytest.mark.e2e
+def test_the_guarded_side_saves_inside_its_loop(tmp_path):
+    """The child runs from a file: under ``python -c`` nbguard has no source to rewrite the loop
+    from, and the guarded run saved only after its loop (what this benchmark measured until stop 26)."""
+    from benchmarks.throughput import _check_saved_in_loop, _child, _in_loop
+
+    run = _child("guarded", str(tmp_path / "store"), 40, "1s")
+    assert _in_loop(run) >= 1
+    _check_saved_in_loop(run, "1s")
+
+
+def test_a_guarded_run_without_a_save_in_its_loop_is_refused():
+    from benchmarks.throughput import _check_saved_in_loop
+
+    ended_only = {**_run([0.1] * 100), "save_at": [10.2]}  # 10 s of steps, one save after the loop
+    with pytest.raises(RuntimeError, match="never saved inside its loop"):
+        _check_saved_in_loop(ended_only, "2s")
+    _check_saved_in_loop(ended_only, "30s")  # shorter than its cadence: nothing was due
