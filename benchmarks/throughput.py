@@ -149,9 +149,7 @@ def _child_script() -> str:
 
 def _check_saved_in_loop(guarded: dict[str, Any], cadence: str) -> None:
     """RuntimeError if a guarded run that lasted longer than its cadence saved only outside its loop."""
-    from nbguard.training.options import parse_duration
-
-    if sum(guarded["step_s"]) > parse_duration(cadence) + 1 and not _in_loop(guarded):
+    if sum(guarded["step_s"]) > _seconds(cadence) + 1 and not _in_loop(guarded):
         raise RuntimeError(f"the guarded run trained {sum(guarded['step_s']):.0f} s at --every {cadence} and "
                            "never saved inside its loop: nbguard found no safe point in it")
 
@@ -307,14 +305,20 @@ def save_moments(guarded: dict[str, Any]) -> list[float]:
 
 def _in_loop(guarded: dict[str, Any]) -> int:
     """How many of a guarded run's saves began inside its training loop (not before or after it)."""
-    return sum(0 <= t <= sum(guarded["step_s"]) for t in guarded["save_at"])
+    loop_s = sum(guarded["step_s"])
+    return sum(0 <= t <= loop_s for t in guarded["save_at"])
+
+
+def _seconds(cadence: str) -> float:
+    """A cadence such as "30s" or "5m" in seconds, read as nbguard reads ``every``."""
+    from nbguard.training.options import parse_duration  # imports torch: only when a figure needs it
+
+    return parse_duration(cadence)
 
 
 def cadence_moments(cadence: str, run: dict[str, Any]) -> list[float]:
     """For a plain/plain pair: where a guarded run's saves would have begun."""
-    from nbguard.training.options import parse_duration
-
-    every = parse_duration(cadence)
+    every = _seconds(cadence)
     return [k * every for k in range(int(sum(run["step_s"]) // every) + 1)]
 
 
