@@ -30,9 +30,15 @@ from typing import Any
 
 import torch
 
+from nbguard.stores.directio import PIECE
+
 from . import floors as fl
 from . import peers
 from .floors import GiB, IoDelta, MiB, PeakRss, advance, evict_tree, rehome, state_tensors, summary, touch
+
+# what a restore into the live state may add to peak RSS: its read window (a piece hashed, the next
+# read in) and 1 MiB for the interpreter's own objects
+RESTORE_MEMORY_LIMIT = 2 * PIECE + MiB
 
 CASES = ("floors", "nbguard", "torch_save", "dcp", "torchsnapshot", "frozen", "training", "throughput")
 
@@ -519,8 +525,12 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             ("torchsnapshot", "restore", "torchsnapshot restore", "")):
         add(f"restore cold < {label}", per_round(n, "restore", p.get(peer), key), 1.0, detail, kind="lt")
     if n and "restore_peak_rss_increase" in n:
-        add("peak RSS increase during a restore ≤ 1× state + one 16 MiB piece",
-            ratio(_med(n, "restore_peak_rss_increase"), r["state_bytes"] + 16 * MiB), 1.0,
+        # The "peak memory ≤ the state + one I/O piece", restoring into the live state: the
+        # increase may be the restore's read window (one 16 MiB piece hashed while the next is read
+        # in) plus 1 MiB for the interpreter's own objects, whatever the state's size. (The earlier
+        # limit, 1× state + 16 MiB, passed a restore into fresh memory that should fail.)
+        add(f"peak RSS increase during a restore ≤ 2 × {PIECE // MiB} MiB read window + 1 MiB",
+            ratio(_med(n, "restore_peak_rss_increase"), RESTORE_MEMORY_LIMIT), 1.0,
             "VmHWM after − VmRSS before, cold restore into the live model + optimizer (mapped file pages included)")
     if fr:
         add("frozen backbone: stall ≤ 1.1× trainable-only", fr["stall_ratio"], 1.1,

@@ -43,3 +43,21 @@ def test_the_floor_targets_use_the_floors_measured_next_to_the_operation():
     targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
                                                       "state_bytes": 1})}
     assert round(targets["restore cold ≤ 1.3× cold-read floor"]["value"], 6) == 1.2
+
+
+def test_a_restore_may_add_its_read_window_to_peak_memory_not_a_copy_of_the_state():
+    from benchmarks.floors import MiB
+    from benchmarks.run import RESTORE_MEMORY_LIMIT
+
+    name = "peak RSS increase during a restore ≤ 2 × 16 MiB read window + 1 MiB"
+
+    def status(increase: float) -> str:
+        nbguard = _case(restore_peak_rss_increase=[increase] * 3)
+        targets = {t["target"]: t for t in build_targets({"nbguard": nbguard, "peers": {},
+                                                          "state_bytes": 3 * 1024 * MiB})}
+        return targets[name]["status"]
+
+    assert RESTORE_MEMORY_LIMIT == 33 * MiB
+    assert status(32.1 * MiB) == "PASS"  # two mapped 16 MiB pieces and a few Python objects
+    assert status(3 * 1024 * MiB) == "MISS"  # read into fresh memory and swapped in: a second state
+    assert status(40 * MiB) == "MISS"  # a third piece in flight is more than the issue allows
