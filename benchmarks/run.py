@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def log(message: str) -> None:
 
 
 # -- the benchmark state -----------------------------------------------------------------------------
-def build_state(size_gib: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_state(size_gib: float, seed: int = 0) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
     """A stack of nn.Linear layers with Adam (exp_avg, exp_avg_sq populated by one step):
     parameters are a third of ``size_gib``."""
     torch.manual_seed(seed)
@@ -86,7 +87,15 @@ def snapshot_files(folder: str) -> list[str]:
 
     snap = nbguard.load(folder, "latest")
     names = dict.fromkeys(spec["blob"] for spec in snap.manifest["storages"].values())
-    return [os.path.join(snap.store.root, blob_path(name)) for name in names]
+    root = snap.store.root  # type: ignore[attr-defined]  # a LocalStore: the benchmark saves to a folder
+    return [os.path.join(root, blob_path(name)) for name in names]
+
+
+def _stats(guard: Any) -> Any:
+    """The stats of ``guard``'s last save (there is one: it was just waited for)."""
+    stats = guard.last_stats
+    assert stats is not None, "no save has finished on this guard"
+    return stats
 
 
 def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFloors) -> dict[str, Any]:
@@ -111,7 +120,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         handle.wait()
         out["first_durable"] = time.perf_counter() - t0
     handle.result()
-    st = guard.last_stats
+    st = _stats(guard)
     out.update(first_written=st.written_bytes, first_staged=st.staged_bytes, first_peak_rss_increase=mem.increase,
                first_durable_after=st.durable_after, first_streaming=st.streaming)
 
@@ -121,7 +130,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     handle.wait()
     out["unchanged_durable"] = time.perf_counter() - t0
     handle.result()
-    st = guard.last_stats
+    st = _stats(guard)
     out.update(unchanged_written=st.written_bytes, unchanged_staged=st.staged_bytes, unchanged_reused=st.reused_bytes)
 
     advance(model, opt)
@@ -144,7 +153,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     handle.result()
     if not floors_first:
         save_floors()
-    st = guard.last_stats
+    st = _stats(guard)
     out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=mem.increase,
                steady_durable_after=st.durable_after)
     guard.close()
@@ -331,11 +340,11 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
     ref_state = {"head": head, "opt": opt, "norms": torch.nn.ModuleList(norms)}  # what changes
     t0 = time.perf_counter()
     guard.save(full_state, wait=True)
-    first = {"durable": time.perf_counter() - t0, "written": guard.last_stats.written_bytes,
-             "stall": guard.last_stats.stall}
+    first = {"durable": time.perf_counter() - t0, "written": _stats(guard).written_bytes,
+             "stall": _stats(guard).stall}
     ref.save(ref_state, wait=True)
 
-    rows = {"stall": [], "durable": [], "written": [], "ref_stall": [], "ref_durable": [], "ref_written": []}
+    rows: dict[str, list[float]] = {"stall": [], "durable": [], "written": [], "ref_stall": [], "ref_durable": [], "ref_written": []}
     pairs = (("", guard, full_state), ("ref_", ref, ref_state))
     for i in range(repeats + 1):  # the first round is a warm-up
         for which, g, st in (pairs if i % 2 else pairs[::-1]):
@@ -350,7 +359,7 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
             if i:
                 rows[which + "stall"].append(stall)
                 rows[which + "durable"].append(durable)
-                rows[which + "written"].append(g.last_stats.written_bytes)
+                rows[which + "written"].append(_stats(g).written_bytes)
     ref.close()
 
     # a write through .data on a frozen backbone parameter (behind its version counter), then a
@@ -360,7 +369,7 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
     t0 = time.perf_counter()
     guard.save(full_state, wait=True).result()
     data_stall = time.perf_counter() - t0
-    data_written = guard.last_stats.written_bytes
+    data_written = _stats(guard).written_bytes
     guard.close()
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -375,7 +384,7 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
     shutil.rmtree(full_dir, ignore_errors=True)
     shutil.rmtree(ref_dir, ignore_errors=True)
 
-    out = {k: summary(v) for k, v in rows.items()}
+    out: dict[str, Any] = {k: summary(v) for k, v in rows.items()}
     med = {k: statistics.median(v) for k, v in rows.items()}
     out.update(
         width=width, layers=layers_n, params=total_params, state_bytes=state_bytes, trainable_bytes=trainable_bytes,
@@ -467,8 +476,8 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         return a / b if a is not None and b else None
 
     def best(*vals: float | None) -> float | None:
-        vals = [v for v in vals if v is not None]
-        return min(vals) if vals else None
+        present = [v for v in vals if v is not None]
+        return min(present) if present else None
 
     def next_to(key: str, floor_key: str, case_floor_key: str) -> float | None:
         """The ratio to the floor measured next to it; to the floors case where that is missing."""
@@ -701,7 +710,7 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def render_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def render_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -815,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(("torchsnapshot", peers.torchsnapshot_once))
             else:
                 log(status)
-        results = attempt("rounds", run_rounds, cases, model, opt, scratch, args.repeats) or {}
+        results = (attempt("rounds", run_rounds, cases, model, opt, scratch, args.repeats) or {}) if cases else {}
         if floors is not None:
             floors.close()
         if dcp_reused is not None:
