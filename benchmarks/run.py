@@ -271,6 +271,8 @@ def run_rounds(cases: list[tuple[str, Any]], model, opt, scratch: str, repeats: 
     """Warm every case up on a small state, then run ``repeats`` rounds; each round runs every case
     once, in an order rotated from round to round, so the drift of a shared machine (other jobs,
     memory state) spreads over all the tools alike. Medians per case."""
+    if not cases:  # e.g. --only frozen: the cases that run outside the rounds
+        return {}
     small_model, small_opt = build_state(0.01, seed=1)
     with _NoSettle():
         for name, fn in cases:
@@ -340,8 +342,8 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
     ref_state = {"head": head, "opt": opt, "norms": torch.nn.ModuleList(norms)}  # what changes
     t0 = time.perf_counter()
     guard.save(full_state, wait=True)
-    first = {"durable": time.perf_counter() - t0, "written": _stats(guard).written_bytes,
-             "stall": _stats(guard).stall}
+    durable, stats = time.perf_counter() - t0, _stats(guard)
+    first = {"durable": durable, "written": stats.written_bytes, "stall": stats.stall}
     ref.save(ref_state, wait=True)
 
     rows: dict[str, list[float]] = {"stall": [], "durable": [], "written": [], "ref_stall": [], "ref_durable": [], "ref_written": []}
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(("torchsnapshot", peers.torchsnapshot_once))
             else:
                 log(status)
-        results = (attempt("rounds", run_rounds, cases, model, opt, scratch, args.repeats) or {}) if cases else {}
+        results = attempt("rounds", run_rounds, cases, model, opt, scratch, args.repeats) or {}
         if floors is not None:
             floors.close()
         if dcp_reused is not None:

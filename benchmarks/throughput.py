@@ -131,20 +131,16 @@ print(json.dumps({"seconds": seconds, "saves_kept": saves, "final_loss": final_l
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-_SCRIPT: list[str] = []
-
-
+@functools.cache
 def _child_script() -> str:
     """``CHILD`` as a file. It must be one: nbguard rewrites a function's loops from its source, and
     code run by ``python -c`` has none, so under ``-c`` the guarded run had no safe point and saved
     only when its loop had ended (which is what this benchmark measured until stop 26)."""
-    if not _SCRIPT:
-        fd, path = tempfile.mkstemp(prefix="nbguard_throughput_child_", suffix=".py")
-        with os.fdopen(fd, "w") as f:
-            f.write(CHILD)
-        atexit.register(os.remove, path)
-        _SCRIPT.append(path)
-    return _SCRIPT[0]
+    fd, path = tempfile.mkstemp(prefix="nbguard_throughput_child_", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(CHILD)
+    atexit.register(os.remove, path)
+    return path
 
 
 def _check_saved_in_loop(guarded: dict[str, Any], cadence: str) -> None:
