@@ -61,3 +61,13 @@ def test_a_restore_may_add_its_read_window_to_peak_memory_not_a_copy_of_the_stat
     assert status(32.1 * MiB) == "PASS"  # two mapped 16 MiB pieces and a few Python objects
     assert status(3 * 1024 * MiB) == "MISS"  # read into fresh memory and swapped in: a second state
     assert status(40 * MiB) == "MISS"  # a third piece in flight is more than the issue allows
+
+
+def test_a_guarded_runs_first_save_is_compared_with_that_same_runs_next_save():
+    nbguard = _case(first_prepared_stall=[0.30, 0.45, 0.30], prepared_steady_stall=[0.25, 0.40, 0.20],
+                    steady_stall=[0.20, 0.20, 0.20])
+    targets = {t["target"]: t for t in build_targets({"nbguard": nbguard, "peers": {}, "state_bytes": 1})}
+    same_run = targets["first save of a guarded run ≤ 1.3× the same run's steady save stall"]
+    assert (round(same_run["value"], 6), same_run["status"]) == (1.2, "PASS")  # 1.2, 1.125, 1.5
+    other_guard = targets["first save of a guarded run ≤ 1.3× the steady save of the round's first guard (info)"]
+    assert (round(other_guard["value"], 6), other_guard["status"]) == (1.5, "MISS")
