@@ -42,6 +42,8 @@ from .floors import GiB, IoDelta, MiB, PeakRss, advance, evict_tree, rehome, sta
 RESTORE_MEMORY_LIMIT = 2 * PIECE + MiB
 # guarded runs per round whose first save is timed against their own next save
 GUARDED_RUNS_PER_ROUND = 2
+# steady saves per round (each with its floors next to it); the round reports their medians
+STEADY_SAVES_PER_ROUND = 3
 
 CASES = ("floors", "nbguard", "torch_save", "dcp", "torchsnapshot", "frozen", "training", "throughput")
 
@@ -110,7 +112,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     import nbguard
 
     _fresh(folder)
-    guard = nbguard.Guard(folder, run="bench", keep=3, report=notes.append)
+    guard = nbguard.Guard(folder, run="bench", keep=10, report=notes.append)  # no deletion inside a timed save
     state = {"model": model, "opt": opt}
     out: dict[str, Any] = {}
 
@@ -135,28 +137,36 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     st = _stats(guard)
     out.update(unchanged_written=st.written_bytes, unchanged_staged=st.staged_bytes, unchanged_reused=st.reused_bytes)
 
-    advance(model, opt)
+    # Steady saves, each after every tensor changed, each with its floors measured right before or
+    # after it (alternating): the median of STEADY_SAVES_PER_ROUND of each, since a 3 GiB copy swings
+    # 0.14-0.43 s from one second to the next on these VMs.
     floors_first = paired.next_round()
-    tensors = state_tensors(model, opt)
-
-    def save_floors() -> None:
-        out["steady_stall_floor"] = paired.copy(tensors)
-        out["steady_durable_floor"] = paired.write_fsync(f"{folder}-floor.bin", tensors)
-
-    if floors_first:
-        save_floors()
-    fl.settle()
-    with PeakRss() as mem:
-        t0 = time.perf_counter()
-        handle = guard.save(state)
-        out["steady_stall"] = time.perf_counter() - t0
-        handle.wait()
-        out["steady_durable"] = time.perf_counter() - t0
-    handle.result()
-    if not floors_first:
-        save_floors()
+    samples: dict[str, list[float]] = {key: [] for key in
+                                       ("steady_stall", "steady_durable", "steady_stall_floor", "steady_durable_floor")}
+    peaks: list[int] = []
+    for k in range(STEADY_SAVES_PER_ROUND):
+        advance(model, opt)
+        tensors = state_tensors(model, opt)
+        floors_before = floors_first == (k % 2 == 0)
+        if floors_before:
+            samples["steady_stall_floor"].append(paired.copy(tensors))
+            samples["steady_durable_floor"].append(paired.write_fsync(f"{folder}-floor.bin", tensors))
+        fl.settle()
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            handle = guard.save(state)
+            samples["steady_stall"].append(time.perf_counter() - t0)
+            handle.wait()
+            samples["steady_durable"].append(time.perf_counter() - t0)
+        handle.result()
+        if mem.increase is not None:
+            peaks.append(mem.increase)
+        if not floors_before:
+            samples["steady_stall_floor"].append(paired.copy(tensors))
+            samples["steady_durable_floor"].append(paired.write_fsync(f"{folder}-floor.bin", tensors))
+    out.update({key: statistics.median(values) for key, values in samples.items()})
     st = _stats(guard)
-    out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=mem.increase,
+    out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=max(peaks, default=None),
                steady_durable_after=st.durable_after)
     guard.close()
     del guard, handle
