@@ -71,3 +71,23 @@ def test_a_guarded_runs_first_save_is_compared_with_that_same_runs_next_save():
     assert (round(same_run["value"], 6), same_run["status"]) == (1.2, "PASS")  # 1.2, 1.125, 1.5
     other_guard = targets["first save of a guarded run ≤ 1.3× the steady save of the round's first guard (info)"]
     assert (round(other_guard["value"], 6), other_guard["status"]) == (1.5, "MISS")
+
+
+def test_the_paired_copy_floor_is_timed_after_settling_as_the_save_it_is_compared_with(monkeypatch):
+    import torch
+
+    from benchmarks import floors
+
+    events: list[str] = []
+    monkeypatch.setattr(floors, "settle", lambda: events.append("settle"))
+    paired = floors.PairedFloors()
+    source = torch.arange(1000, dtype=torch.float32)
+    real_copy = torch.Tensor.copy_
+
+    def recording_copy(self, *args, **kwargs):
+        events.append("copy")
+        return real_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", recording_copy)
+    paired.copy([source])
+    assert events == ["settle", "copy"]
