@@ -102,6 +102,17 @@ def _stats(guard: Any) -> Any:
     return stats
 
 
+def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
+    """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised."""
+    t0 = time.perf_counter()
+    handle = guard.save(state)
+    stall = time.perf_counter() - t0
+    handle.wait()
+    durable = time.perf_counter() - t0
+    handle.result()
+    return stall, durable
+
+
 def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFloors) -> dict[str, Any]:
     """One repeat: a fresh Guard in a fresh folder; first (full) save, an unchanged save, a full save
     with reused buffers after every tensor changed, then cold restores (all, and the model only).
@@ -118,22 +129,12 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
 
     fl.settle()
     with PeakRss() as mem:
-        t0 = time.perf_counter()
-        handle = guard.save(state)
-        out["first_stall"] = time.perf_counter() - t0
-        handle.wait()
-        out["first_durable"] = time.perf_counter() - t0
-    handle.result()
+        out["first_stall"], out["first_durable"] = _timed_save(guard, state)
     st = _stats(guard)
     out.update(first_written=st.written_bytes, first_staged=st.staged_bytes, first_peak_rss_increase=mem.increase,
                first_durable_after=st.durable_after, first_streaming=st.streaming)
 
-    t0 = time.perf_counter()
-    handle = guard.save(state)
-    out["unchanged_stall"] = time.perf_counter() - t0
-    handle.wait()
-    out["unchanged_durable"] = time.perf_counter() - t0
-    handle.result()
+    out["unchanged_stall"], out["unchanged_durable"] = _timed_save(guard, state)
     st = _stats(guard)
     out.update(unchanged_written=st.written_bytes, unchanged_staged=st.staged_bytes, unchanged_reused=st.reused_bytes)
 
@@ -144,32 +145,32 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     samples: dict[str, list[float]] = {key: [] for key in
                                        ("steady_stall", "steady_durable", "steady_stall_floor", "steady_durable_floor")}
     peaks: list[int] = []
+
+    def record_floors(tensors: list[torch.Tensor]) -> None:
+        samples["steady_stall_floor"].append(paired.copy(tensors))
+        samples["steady_durable_floor"].append(paired.write_fsync(f"{folder}-floor.bin", tensors))
+
     for k in range(STEADY_SAVES_PER_ROUND):
         advance(model, opt)
         tensors = state_tensors(model, opt)
         floors_before = floors_first == (k % 2 == 0)
         if floors_before:
-            samples["steady_stall_floor"].append(paired.copy(tensors))
-            samples["steady_durable_floor"].append(paired.write_fsync(f"{folder}-floor.bin", tensors))
+            record_floors(tensors)
         fl.settle()
         with PeakRss() as mem:
-            t0 = time.perf_counter()
-            handle = guard.save(state)
-            samples["steady_stall"].append(time.perf_counter() - t0)
-            handle.wait()
-            samples["steady_durable"].append(time.perf_counter() - t0)
-        handle.result()
+            stall, durable = _timed_save(guard, state)
+        samples["steady_stall"].append(stall)
+        samples["steady_durable"].append(durable)
         if mem.increase is not None:
             peaks.append(mem.increase)
         if not floors_before:
-            samples["steady_stall_floor"].append(paired.copy(tensors))
-            samples["steady_durable_floor"].append(paired.write_fsync(f"{folder}-floor.bin", tensors))
+            record_floors(tensors)
     out.update({key: statistics.median(values) for key, values in samples.items()})
     st = _stats(guard)
     out.update(steady_written=st.written_bytes, steady_staged=st.staged_bytes, steady_peak_rss_increase=max(peaks, default=None),
                steady_durable_after=st.durable_after)
     guard.close()
-    del guard, handle
+    del guard
     gc.collect()
 
     # the first save of a guarded run: the run prepares staging memory as it starts (in the
@@ -188,14 +189,10 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         for stalls in (firsts, seconds):
             advance(model, opt)  # the training steps before each save write every tensor
             fl.settle()
-            t0 = time.perf_counter()
-            handle = prepared.save(state)
-            stalls.append(time.perf_counter() - t0)
-            handle.wait()
-            handle.result()
+            stalls.append(_timed_save(prepared, state)[0])
         prepared.close()
         shutil.rmtree(folder + "-prepared", ignore_errors=True)
-        del prepared, handle
+        del prepared
         gc.collect()
     out.update(prepare_s=statistics.median(prepares), first_prepared_stall=statistics.median(firsts),
                prepared_steady_stall=statistics.median(seconds))
