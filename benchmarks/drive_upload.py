@@ -10,6 +10,7 @@ the network and by Google.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import resource
 import tempfile
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - start
             print(f"download (open_blob): {len(blob) / MIB:.0f} MiB in {elapsed:.2f} s = "
                   f"{len(blob) / MIB / elapsed:.0f} MiB/s")
-            blob.close()
+            if isinstance(blob, mmap.mmap):
+                blob.close()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS of this process (client and emulator): {peak:.0f} MiB")
 

@@ -23,6 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
+from typing import Any, cast
 
 import torch
 
@@ -78,7 +80,9 @@ def nbguard_once(model, opt, folder: str) -> dict[str, float]:
     out["steady_stall"] = time.perf_counter() - t0
     handle.result()
     out["steady_durable"] = time.perf_counter() - t0
-    out["steady_staged"] = guard.last_stats.staged_bytes
+    stats = guard.last_stats
+    assert stats is not None, "the save above finished"
+    out["steady_staged"] = stats.staged_bytes
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -116,7 +120,8 @@ def dcp_async_once(model, opt, folder: str) -> dict[str, float] | None:
     t0 = time.perf_counter()
     future = dcp.async_save({"model": model.state_dict(), "opt": opt.state_dict()}, checkpoint_id=folder)
     stall = time.perf_counter() - t0
-    future.result()
+    # with the default stager async_save returns a Future (an AsyncSaveResponse only with a custom one)
+    cast("Future[Any]", future).result()
     fl.fsync_tree(folder)
     return {"stall": stall, "durable": time.perf_counter() - t0}
 
@@ -142,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     # Adam's state follows its parameters: move it with them (one step on the device creates it).
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    model(torch.randn(2, model[0].in_features, device=device)).square().mean().backward()
+    first = model[0]
+    assert isinstance(first, torch.nn.Linear)
+    model(torch.randn(2, first.in_features, device=device)).square().mean().backward()
     opt.step()
     for p in model.parameters():
         p.grad = None
@@ -150,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(t.numel() * t.element_size() for t in tensors)
     pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     pageable = [torch.empty(t.shape, dtype=t.dtype).fill_(0) for t in tensors]
-    for p in pinned:
-        p.fill_(0)
+    for buffer in pinned:
+        buffer.fill_(0)
     scratch = args.scratch or tempfile.mkdtemp(prefix="nbguard-gpu-")
     rows: dict[str, list[dict[str, float]]] = {"floors": [], "nbguard": [], "torch_save": [], "dcp_async": []}
     started = time.time()
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {case: {k: _median(r, k) for k in (r[0] if r else {})} for case, r in rows.items()}
     pin = med["floors"]["d2h_pinned"]
+    assert pin is not None, "every round measured the floors"
     card = torch.cuda.get_device_name()
     lines = [
         f"# nbguard GPU benchmark — {size / GiB:.2f} GiB of CUDA state",

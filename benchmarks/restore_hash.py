@@ -53,7 +53,7 @@ def main() -> None:
     target = np.ones(nbytes, dtype=np.uint8)
 
     def floor() -> None:
-        view, done = memoryview(target), 0
+        view, done = memoryview(target.data), 0
         with open(path, "rb", buffering=0) as f:
             while done < nbytes:
                 done += f.readinto(view[done:]) or nbytes

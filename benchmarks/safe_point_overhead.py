@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Python {sys.version.split()[0]}, {args.repeat} runs of 100,000 iterations each (ms)")
     print(f"{'variant':40} {'plain':>7} {'nbguard':>8} {'ratio':>6}   {'min ratio':>9}")
     for name in pairs:
-        plain, instrumented = times[f"{name}|plain"], times[f"{name}|instrumented"]
-        p, i = statistics.median(plain) * 1e3, statistics.median(instrumented) * 1e3
-        print(f"{name:40} {p:7.3f} {i:8.3f} {i / p:6.3f}   {min(instrumented) / min(plain):9.3f}")
+        plain_s, instrumented_s = times[f"{name}|plain"], times[f"{name}|instrumented"]
+        p, i = statistics.median(plain_s) * 1e3, statistics.median(instrumented_s) * 1e3
+        print(f"{name:40} {p:7.3f} {i:8.3f} {i / p:6.3f}   {min(instrumented_s) / min(plain_s):9.3f}")
     print(f"safe points served with requests: {len(fired) / runs:.1f} per run")
     fixed = timings({"plain": plain_runner("for i in range(1):\n    pass\n"),
                      "instrumented": instrumented_runner("for i in range(1):\n    pass\n")[0]}, 2001)

@@ -34,7 +34,7 @@ def disk_usage(root: Path) -> tuple[int, int, int]:
     return sum(p.stat().st_size for p in files), len(blobs), len(temps)
 
 
-def model_of(mib: float) -> nn.Module:
+def model_of(mib: float) -> nn.Sequential:
     width = int((mib * 1024 * 1024 / 4 / 3) ** 0.5)  # three square layers of float32
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 
@@ -45,7 +45,9 @@ def via_guard(root: Path, saves: int, keep: int, mib: float, sample) -> None:
     model = model_of(mib)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = Guard(str(root), run="growth", keep=keep, report=print)
-    width = model[0].in_features
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    width = first.in_features
     for i in range(saves):
         model(torch.randn(8, width)).pow(2).mean().backward()
         opt.step()

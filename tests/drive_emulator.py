@@ -455,6 +455,7 @@ def _rfc3339(t: float) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "DriveEmulator/1"
+    _remaining = 0  # bytes of the request body not read yet (set per request in _dispatch)
 
     def setup(self) -> None:
         super().setup()
