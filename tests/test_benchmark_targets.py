@@ -91,3 +91,14 @@ def test_the_paired_copy_floor_is_timed_after_settling_as_the_save_it_is_compare
     monkeypatch.setattr(torch.Tensor, "copy_", recording_copy)
     paired.copy([source])
     assert events == ["settle", "copy"]
+
+
+def test_write_overlap_times_the_copy_alone_and_beside_a_writer_and_leaves_no_file(tmp_path, capsys):
+    from benchmarks import write_overlap
+
+    assert write_overlap.main(["--size-gib", "0.02", "--rounds", "2", "--folder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("copy alone", "copy while writing", "write alone", "write beside the copy"):
+        assert f"  {name}" in out
+    assert "copy while writing / copy alone, median of rounds:" in out
+    assert list(tmp_path.iterdir()) == []
