@@ -372,12 +372,7 @@ def run_frozen(param_bytes: float, scratch: str, repeats: int, notes: list[str])
         for which, g, st in (pairs if i % 2 else pairs[::-1]):
             train_step()
             gc.collect()
-            t0 = time.perf_counter()
-            h = g.save(st)
-            stall = time.perf_counter() - t0
-            h.wait()
-            durable = time.perf_counter() - t0
-            h.result()
+            stall, durable = _timed_save(g, st)
             if i:
                 rows[which + "stall"].append(stall)
                 rows[which + "durable"].append(durable)
