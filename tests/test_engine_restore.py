@@ -340,11 +340,152 @@ def test_models_and_optimizers_are_restored_into_their_own_memory(tmp_path):
             [v.data_ptr() for s in o.state.values() for k, v in s.items() if k != "step"]
 
     before = memory(live_model, live_opt)
-    guard.restore({"model": live_model, "opt": live_opt})
+    nbguard.load(tmp_path / "ckpt").restore({"model": live_model, "opt": live_opt})
     assert memory(live_model, live_opt) == before
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), live_model.state_dict().values(),
                                                  strict=True))
     assert repr(opt.state_dict()) == repr(live_opt.state_dict())
+
+
+def test_a_restore_through_a_guard_exchanges_memory_with_its_staging_buffers(tmp_path):
+    """Guard.restore reads into the staging buffers its saves use anyway, then the live storages and
+    the buffers exchange memory: nothing is copied into live memory and no memory is added; every
+    tensor sharing a live storage (a view the user holds, the optimizer's key) sees the restored bytes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters())
+    state = {"model": model, "opt": opt}
+
+    def train():
+        opt.zero_grad()
+        model(torch.randn(8, 16)).sum().backward()
+        opt.step()
+
+    train()
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    saved = guard.save(state, wait=True).result()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    train()
+    guard.save(state, wait=True).result()  # every staging buffer is warm now
+    weight = model[0].weight
+    view = weight.view(-1)  # held by the user across the restore
+
+    def live_memory() -> set[int]:
+        return {t.data_ptr() for t in model.state_dict().values()} | \
+            {t.data_ptr() for s in opt.state.values() for k, t in s.items() if k != "step"}  # (load_state_dict copies step)
+
+    live = live_memory()
+    buffers = {b.data_ptr() for b in guard._staging._buffers.values()}
+
+    guard.restore(state, saved.id)
+
+    assert model[0].weight is weight and opt.state[weight]["exp_avg"].shape == weight.shape
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(view, expected["0.weight"].view(-1))
+    moved = live_memory()
+    assert moved != live and moved <= buffers  # the live tensors now use former staging memory
+    assert {b.data_ptr() for b in guard._staging._buffers.values()} | moved == buffers | live  # nothing new
+    guard.save(state, wait=True).result()  # the next save holds the restored bytes, not the buffers' old ones
+    assert all(torch.equal(expected[k], v) for k, v in guard.load("latest").state_dict("model").items())
+    train()  # the optimizer still knows its parameters
+
+
+def _warm_guard(tmp_path, state: dict[str, Any], train) -> tuple[Guard, Any]:
+    """A guard whose first snapshot is returned, with every staging buffer warm from a second save."""
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    first = guard.save(state, wait=True).result()
+    train()
+    guard.save(state, wait=True).result()
+    return guard, first
+
+
+def _linear_and_adam(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters())
+
+    def train():
+        opt.zero_grad()
+        model(torch.randn(8, 64)).sum().backward()
+        opt.step()
+
+    train()
+    return model, opt, train
+
+
+def test_without_torch_s_memory_exchange_a_guard_restores_into_live_memory(tmp_path, monkeypatch):
+    import nbguard.engine.restoring as restoring
+
+    monkeypatch.setattr(restoring, "_CAN_EXCHANGE", False)  # a torch without UntypedStorage._swap_data_ptr_
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt}
+    guard, first = _warm_guard(tmp_path, state, train)
+    memory = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    guard.restore(state, first.id)
+    expected = guard.load(first.id).state_dict("model")
+    assert all(torch.equal(expected[k], v) and memory[k] == v.data_ptr() for k, v in model.state_dict().items())
+
+
+def test_a_corrupt_byte_read_into_staging_memory_changes_nothing_live(tmp_path):
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt}
+    guard, first = _warm_guard(tmp_path, state, train)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    flip_byte_in_entry(tmp_path / "ckpt", guard.load(first.id).manifest, "model/1.weight", at=17)
+    with pytest.raises(CorruptSnapshotError):
+        guard.restore(state, first.id)
+    assert all(torch.equal(before[k][0], v) and before[k][1] == v.data_ptr() for k, v in model.state_dict().items())
+    train()
+    saved = guard.save(state, wait=True).result()  # the staging memory the bad bytes landed in still serves
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    train()
+    guard.restore(state, saved.id)
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+
+
+def test_memory_exchanged_is_exchanged_back_when_a_later_object_refuses(tmp_path):
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt, "other": HalfLoader(1, 50)}
+    guard, first = _warm_guard(tmp_path, state, train)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    with pytest.raises(RestoreError, match="^other refused"):
+        guard.restore({**state, "other": HalfLoader(0, 0)}, first.id)
+    assert all(torch.equal(before[k][0], v) and before[k][1] == v.data_ptr() for k, v in model.state_dict().items())
+
+
+def test_a_weight_numpy_shares_is_written_in_place_so_the_array_sees_the_restore(tmp_path):
+    """An array from ``.numpy()`` keeps the memory it was made from: that storage is not exchanged."""
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt}
+    guard, first = _warm_guard(tmp_path, state, train)
+    expected = guard.load(first.id).state_dict("model")["0.weight"]
+    array = model[0].weight.detach().numpy()
+    guard.restore(state, first.id)
+    assert np.array_equal(array, expected.numpy()) and torch.equal(model[0].weight, expected)
+
+
+def test_parameters_inside_one_larger_storage_are_written_in_place(tmp_path):
+    """Parameters that are views of one flat buffer (as some fused optimizers and FSDP-style code
+    lay them out): exchanging one storage's memory would move its neighbours' too."""
+    torch.manual_seed(0)
+    flat = torch.zeros(64 * 64 + 64)
+    model = nn.Linear(64, 64)
+    model.weight = nn.Parameter(flat[:64 * 64].view(64, 64))
+    model.bias = nn.Parameter(flat[64 * 64:])
+    nn.init.normal_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train():
+        opt.zero_grad()
+        model(torch.randn(8, 64)).sum().backward()
+        opt.step()
+
+    state = {"model": model, "opt": opt}
+    guard, first = _warm_guard(tmp_path, state, train)
+    expected = guard.load(first.id).state_dict("model")
+    guard.restore(state, first.id)
+    assert torch.equal(model.weight, expected["weight"]) and torch.equal(model.bias, expected["bias"])
+    assert model.weight.untyped_storage().data_ptr() == model.bias.untyped_storage().data_ptr()
 
 
 def test_a_restore_does_not_need_a_second_copy_of_the_state(tmp_path):

@@ -335,9 +335,24 @@ class Guard:
                 self.say_once(_damage_key(message), message)
         else:
             snapshot, skipped = self.catalog.get(ref, self.run), []
-        report = snapshot.restore(state, namespace=namespace, rng=rng)
-        self.parent = snapshot.id
+        report = self.restore_from(snapshot, state, namespace=namespace, rng=rng)
         report.notes.extend(skipped)
+        return report
+
+    def restore_from(
+        self,
+        snapshot: Snapshot,
+        state: Mapping[str, Any] | None = None,
+        *,
+        namespace: MutableMapping[str, Any] | None = None,
+        rng: bool = True,
+    ) -> RestoreReport:
+        """``snapshot.restore`` through this guard: its bytes are read into the staging memory the
+        next save needs anyway, where it is ready, and that memory then changes places with the live
+        tensors' (no copy into live memory, no memory beyond the guard's own)."""
+        self.flush()  # the writer reads the staging buffers while a save is in flight
+        report = snapshot.restore(state, namespace=namespace, rng=rng, staging=self._staging)
+        self.parent = snapshot.id
         return report
 
 

@@ -2,13 +2,19 @@
 
 1. Check, reading no tensor bytes: every object is there and of the right kind, every name, shape
    and dtype fits (trees decode to placeholders), every blob header agrees with the manifest.
-2. Check every byte: storages that go straight into a live tensor's memory are hashed, one after
-   another in the order they lie on the disk, where their pages lie in the page cache (``hash_ranges``: a read-ahead thread reads in
-   the next 16 MiB piece, across storages and files, while one is hashed; the pages stay cached and
-   the blob files stay open); the rest is read into fresh memory.
-3. Apply, keeping an undo record for every change: fresh bytes are swapped into live tensors (the
-   fresh memory then holds the displaced bytes), each ``load_state_dict`` is called with the live
-   tensors themselves as sources (a no-op copy), namespace values and RNG states are set.
+2. Check every byte. Through a ``Guard`` (``staging``), a contiguous CPU storage whose group has a
+   warm staging buffer of its size is read into that buffer and hashed as it lands, in disk order;
+   at step 3 the live storage and the buffer exchange memory (``_swap_data_ptr_``: every tensor that
+   shares the storage sees it), so the bytes checked are the bytes used, and the buffer holds the
+   displaced ones for the next save to copy over. Other storages that go straight into a live
+   tensor's memory are hashed, one after another in the order they lie on the disk, where their
+   pages lie in the page cache (``hash_ranges``: a read-ahead thread reads in the next 16 MiB piece,
+   across storages and files, while one is hashed; the pages stay cached and the blob files stay
+   open); the rest is read into fresh memory.
+3. Apply, keeping an undo record for every change: staged memory is exchanged (undone by exchanging
+   again), fresh bytes are swapped into live tensors (the fresh memory then holds the displaced
+   bytes), each ``load_state_dict`` is called with the live tensors themselves as sources (a no-op
+   copy), namespace values and RNG states are set.
    Anything that raises (a ``load_state_dict`` too) undoes every change and names the object.
    Last, each blob file hashed in step 2 must still be the same unchanged file (device, inode,
    size, mtime and ctime, by ``fstat`` of the open descriptor): one replaced or written since
@@ -24,10 +30,12 @@
    Not re-hashing the copies (step 4 costs a memory copy, not a copy and a hash) leaves one hole:
    a cached page whose bytes change without the file's mtime/ctime changing between steps 2 and 4
    (a memory error, a write to the raw block device, or a page evicted and read back from a
-   silently failing disk by another process in between) is not noticed.
+   silently failing disk by another process in between) is not noticed. Storages exchanged with a
+   guard's staging memory (step 2) have no such gap.
 
-Peak memory: the live state plus two 16 MiB buffers, plus the fresh memory of what cannot
-go in place (GPU tensors, optimizer state before its first step, schedulers, values).
+Peak memory: the live state (and a guard's staging memory) plus two 16 MiB buffers, plus the fresh
+memory of what cannot go in place (GPU tensors, optimizer state before its first step, schedulers,
+values).
 """
 
 from __future__ import annotations
@@ -49,20 +57,30 @@ from .report import ProgressFn, RestoreReport
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
+    from .staging import StagingArea
 
 Undo = Callable[[], object]
+
+
+# Exchanges the memory of two storages of one size, for every tensor that uses either (a private torch
+# method, checked on 2.13; where a torch lacks it, restores copy into live memory as before).
+_CAN_EXCHANGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 
 
 @dataclass
 class _Placement:
     direct: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # storage -> (live tensor, owner)
+    staged: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)  # storage -> (live, buffer, owner)
     swap: dict[str, tuple[str, torch.Tensor, str]] = field(default_factory=dict)  # storage -> (key, live, owner)
     sources: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor key -> live tensor handed to load
 
 
 def restore(snapshot: Snapshot, objects: Mapping[str, Any], *, namespace: MutableMapping[str, Any] | None,
-            only: Iterable[str] | None, rng: bool, progress: ProgressFn | None) -> RestoreReport:
-    """``Snapshot.restore``: see there and the module's docstring."""
+            only: Iterable[str] | None, rng: bool, progress: ProgressFn | None,
+            staging: StagingArea | None = None) -> RestoreReport:
+    """``Snapshot.restore``: see there and the module's docstring. ``staging``: a guard's staging
+    buffers, which storages are read into and then exchanged with the live ones (no write into live
+    memory is done by then), if nothing else may use them meanwhile (the guard's writer is idle)."""
     names = list(only) if only is not None else list(snapshot.manifest["objects"])
     unknown = [n for n in names if n not in snapshot.manifest["objects"]]
     if unknown:
@@ -83,7 +101,7 @@ def restore(snapshot: Snapshot, objects: Mapping[str, Any], *, namespace: Mutabl
                 check_fits(item, snapshot.tree(item.name)["type"], shape)
         if rng_tree is not None:
             snapshot._decode(rng_tree)
-        placement = _place(snapshot, items)
+        placement = _place(snapshot, items, staging)
         advance = _check_bytes(snapshot, items, placement, rng_tree, progress)
         states = [snapshot._materialize(item.tree, _source(snapshot, placement)) for item in items]
         for item, state in zip(items, states, strict=True):
@@ -134,9 +152,11 @@ def _protected(name: str, namespace: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _place(snapshot: Snapshot, items: list[Item]) -> _Placement:
-    """Which storages go straight into live memory (``direct``: contiguous CPU tensors), which are
-    read into fresh memory and swapped in (``swap``: GPU or strided tensors), and the rest."""
+def _place(snapshot: Snapshot, items: list[Item], staging: StagingArea | None = None) -> _Placement:
+    """Which storages are read into a warm staging buffer whose memory then changes places with the
+    live storage's (``staged``), which go straight into live memory (``direct``: contiguous CPU
+    tensors), which are read into fresh memory and swapped in (``swap``: GPU or strided tensors),
+    and the rest."""
     where: dict[str, tuple[torch.Tensor, str]] = {}
     for item in items:
         for key in item.in_place:
@@ -165,13 +185,36 @@ def _place(snapshot: Snapshot, items: list[Item]) -> _Placement:
         nbytes = snapshot.manifest["storages"][storage]["nbytes"]
         plain = first.is_contiguous() and snapshot.placeholder(keys[0]).is_contiguous() and \
             first.numel() * first.element_size() == nbytes
-        if plain and first.device.type == "cpu":
+        buffer = staging.warm_buffer(storage, nbytes) if staging is not None and plain else None
+        if buffer is not None and _exchangeable(first, nbytes):
+            placement.staged[storage] = (first, buffer, owner)
+        elif plain and first.device.type == "cpu":
             placement.direct[storage] = (first, owner)
         else:
             placement.swap[storage] = (keys[0], first, owner)
         for k in keys:
             placement.sources[k] = where[k][0]
     return placement
+
+
+def _exchangeable(live: torch.Tensor, nbytes: int) -> bool:
+    """Whether the memory of ``live``'s storage may change places with a staging buffer's: a pageable
+    CPU storage torch allocated (not NumPy's, a file's or shared memory, whose other users would keep
+    the old bytes), holding exactly these ``nbytes``. Every tensor that shares the storage (a view,
+    ``.data``, a tied weight, the optimizer's key) sees the exchanged memory: sharing is kept. Only a
+    raw address kept outside torch (``data_ptr()`` in a C extension) would still point at the old
+    memory, as after ``load_state_dict(assign=True)`` or ``module.to()``."""
+    storage = live.untyped_storage()
+    # resizable() is False for memory torch does not own and for storages ``.numpy()`` was called on
+    # (the array would keep the old memory); nbguard itself never calls it on live tensors.
+    return (_CAN_EXCHANGE and live.device.type == "cpu" and live.storage_offset() == 0 and storage.nbytes() == nbytes
+            and storage.resizable() and not storage.is_shared() and not storage.is_pinned()
+            and not getattr(storage, "filename", None))
+
+
+def _exchange(live: torch.Tensor, buffer: torch.Tensor) -> None:
+    """Make ``live``'s storage use ``buffer``'s memory and the buffer the storage's former memory."""
+    live.untyped_storage()._swap_data_ptr_(buffer.untyped_storage())  # type: ignore[attr-defined]  # private
 
 
 def _same_region(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -206,10 +249,13 @@ def _check_bytes(snapshot: Snapshot, items: list[Item], placement: _Placement, r
     refs = [ref for item in items for ref in tensor_refs(item.tree)]
     if rng_tree is not None:
         refs += tensor_refs(rng_tree)
-    fresh = [k for k in dict.fromkeys(snapshot._spec(r)["storage"] for r in refs) if k not in placement.direct]
+    fresh = [k for k in dict.fromkeys(snapshot._spec(r)["storage"] for r in refs)
+             if k not in placement.direct and k not in placement.staged]
     sizes = snapshot.manifest["storages"]
-    total = 2 * sum(sizes[k]["nbytes"] for k in placement.direct) + sum(sizes[k]["nbytes"] for k in fresh)
+    total = 2 * sum(sizes[k]["nbytes"] for k in placement.direct) + \
+        sum(sizes[k]["nbytes"] for k in [*fresh, *placement.staged])
     advance = _progress(total, progress)
+    snapshot.read_all_into({key: buffer for key, (_, buffer, _) in placement.staged.items()}, advance)
     snapshot.check_all(placement.direct, advance)
     for key in fresh:
         snapshot.storage(key, advance)
@@ -311,6 +357,10 @@ def _apply(item: Item, state: Any, placement: _Placement, snapshot: Snapshot,
         # tensors load_state_dict will copy into (not placed): keep their bytes
         kept = [(t, t.clone()) for k, t in item.pairs.items() if k not in placement.sources]
         undo.append(lambda: _put_back(kept))
+    for target, buffer, owner in placement.staged.values():
+        if owner == name:
+            undo.append(functools.partial(_exchange, target, buffer))
+            _exchange(target, buffer)  # the checked bytes are live now; the buffer holds the displaced ones
     for key, target, owner in placement.swap.values():
         if owner == name:
             fresh = snapshot._tensor(key)

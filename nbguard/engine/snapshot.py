@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from ..stores import Store
 from ..stores.filereader import FileReader, HashRange, hash_ranges
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
+
+if TYPE_CHECKING:
+    from .staging import StagingArea
 
 
 class Snapshot:
@@ -153,6 +156,19 @@ class Snapshot:
             copy_checked_into(reader, header, entry, byte_view(target), identity, progress)
         else:
             read_entry_into(reader, header, entry, byte_view(target), progress)
+
+    def read_all_into(self, targets: Mapping[str, torch.Tensor], progress: Callable[[int], None] | None = None) -> None:
+        """Read several storages' bytes into memory of their own (``targets``: storage key -> contiguous
+        CPU tensor of exactly its size), in the order the bytes lie on the disk, each hashed as it
+        lands (what lands is what was checked). CorruptSnapshotError at the first that does not match."""
+        from ..stores.directio import byte_view
+
+        def position(key: str) -> tuple[str, int]:
+            _, header, entry = self._entry(key)
+            return self.manifest["storages"][key]["blob"], header.entries[entry].begin
+
+        for key in sorted(targets, key=position):
+            read_entry_into(*self._entry(key), byte_view(targets[key]), progress)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
         """Check one storage's bytes against their hash, reading them into the page cache only (they
@@ -305,6 +321,7 @@ class Snapshot:
         only: Iterable[str] | None = None,
         rng: bool = True,
         progress: ProgressFn | None = None,
+        staging: StagingArea | None = None,
     ) -> RestoreReport:
         """Restore into live objects (looked up in ``objects``, then ``namespace``), all or nothing.
 
@@ -314,10 +331,14 @@ class Snapshot:
         A dtype change is refused (nbguard never converts silently). Plain values are assigned into
         ``namespace`` when given (never over ``__builtins__``, ``__names`` or modules:
         those are skipped and listed in the report's ``notes``) and returned in ``values`` either way.
+        ``staging``: a ``Guard``'s staging memory (``Guard.restore`` passes its own, with its writer
+        idle): storages are read into its warm buffers, then their memory changes places with the
+        live storages' (no copy, no fresh memory).
         """
         from .restoring import restore
 
-        return restore(self, objects or {}, namespace=namespace, only=only, rng=rng, progress=progress)
+        return restore(self, objects or {}, namespace=namespace, only=only, rng=rng, progress=progress,
+                       staging=staging)
 
     def _close_readers(self) -> None:
         for reader, _ in self._blobs.values():

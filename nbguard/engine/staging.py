@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..format.blobfile import DTYPE_CODES, Item, hash_bytes, torch_dtype_name
+from ..stores.directio import byte_view
 
 _TensorBase = torch._C.TensorBase
 
@@ -113,8 +114,9 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes, without a copy."""
-    return tensor.numpy().data.cast("B")
+    """A contiguous CPU tensor's bytes, without a copy (and without ``.numpy()``, which would mark a live
+    storage as NumPy's for good: a restore then never exchanges its memory)."""
+    return byte_view(tensor)
 
 
 def group_tensors(tensors: dict[str, torch.Tensor], seen: dict[str, tuple] | None = None) -> list[Group]:
@@ -256,6 +258,16 @@ class StagingArea:
 
         self._prefault = threading.Thread(target=touch, name="nbguard-prefault", daemon=True)
         self._prefault.start()
+
+    def warm_buffer(self, key: str, nbytes: int) -> torch.Tensor | None:
+        """Group ``key``'s staging buffer if it is ready (faulted in), in pageable CPU memory of exactly
+        ``nbytes``: memory a restore may read into and then exchange with a live storage's (see
+        ``restoring``), after which the buffer holds the displaced bytes. None otherwise; never waits
+        for a prefault still running (a buffer it has not finished is not listed yet)."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() != nbytes or buffer.storage_offset() or buffer.is_pinned():
+            return None
+        return buffer
 
     def wait_prefault(self) -> None:
         thread, self._prefault = self._prefault, None

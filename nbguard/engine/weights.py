@@ -21,6 +21,7 @@ from ..format.blobfile import (
     hash_bytes,
     read_header,
 )
+from ..stores.directio import byte_view
 from ..stores.filereader import FileReader
 
 
@@ -32,7 +33,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | os.PathLike[s
             raise UsageError(f"{name}: dtype {tensor.dtype} cannot be stored in a safetensors file")
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8) if tensor.numel() else \
             torch.empty(0, dtype=torch.uint8)
-        view = data.numpy().data
+        view = byte_view(data)  # not .numpy(): it would mark a live storage as NumPy's for good
         buffers[name] = view
         items.append((name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), view.nbytes, hash_bytes(view)))
     header, entries = build_header(items)

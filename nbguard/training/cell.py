@@ -243,7 +243,7 @@ class CheckpointedCell:
     def _restore(self, snapshot: Snapshot) -> None:
         runtime = self.runtime
         report = restore_snapshot(snapshot, self._discover().objects, self.namespace,
-                                  runtime.frames if runtime is not None else [])
+                                  runtime.frames if runtime is not None else [], self.guard)
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         say_restored(snapshot.info, report,

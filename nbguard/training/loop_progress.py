@@ -14,6 +14,7 @@ import torch
 
 from ..engine.capture import capture
 from ..format.blobfile import hash_bytes
+from ..stores.directio import byte_view
 from . import position_text
 from .loops import LoopRuntime
 
@@ -32,8 +33,7 @@ def state_mark(state: dict[str, Any]) -> Any:
 def _content(tensor: torch.Tensor) -> str | None:
     try:
         flat = tensor.detach().to("cpu").contiguous().view(-1)
-        data = flat.view(torch.uint8).numpy()
-        return hash_bytes(memoryview(data)) if flat.numel() else ""  # type: ignore[arg-type]  # numpy arrays are buffers
+        return hash_bytes(byte_view(flat.view(torch.uint8))) if flat.numel() else ""  # not .numpy(): see byte_view
     except (RuntimeError, TypeError, ValueError):  # a layout without plain bytes: never "unchanged"
         return None
 

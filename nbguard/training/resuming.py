@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..engine import rng
+from ..engine.guard import Guard
 from ..engine.report import RestoreReport
 from ..engine.snapshot import Snapshot
 from ..errors import RestoreError
@@ -41,10 +42,10 @@ def resume_plan(snapshot: Snapshot, *, continues_finished: bool) -> ResumePlan:
 
 
 def restore_snapshot(snapshot: Snapshot, objects: Mapping[str, Any], namespace: MutableMapping[str, Any],
-                     frames: list[PathFrame]) -> RestoreReport:
-    """Restore ``snapshot`` into the cell's training ``objects``, its plain values into ``namespace``
-    and the saved locals into ``frames``. An object saved under a name the cell now knows only by
-    another (an alias) is found by that one."""
+                     frames: list[PathFrame], guard: Guard) -> RestoreReport:
+    """Restore ``snapshot`` through the cell's ``guard`` into its training ``objects``, its plain values
+    into ``namespace`` and the saved locals into ``frames``. An object saved under a name the cell now
+    knows only by another (an alias) is found by that one."""
     into = FrameNamespace(namespace, frames)
     targets = dict(objects)
     for alias, target in extra_of(snapshot).get("aliases", {}).items():
@@ -53,7 +54,7 @@ def restore_snapshot(snapshot: Snapshot, objects: Mapping[str, Any], namespace: 
         elif target not in targets and alias in namespace:
             targets[target] = namespace[alias]
     try:
-        report = snapshot.restore(targets, namespace=into)
+        report = guard.restore_from(snapshot, targets, namespace=into)
     except RestoreError as exc:
         raise RestoreError(f"{exc}. Snapshot {snapshot.id} does not fit the objects this notebook built: build "
                            "the same model (and optimizer) as when it was taken, or start over with "
