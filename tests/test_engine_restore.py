@@ -443,6 +443,42 @@ def test_a_corrupt_byte_read_into_staging_memory_changes_nothing_live(tmp_path):
     assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
 
 
+def test_restore_latest_through_warm_staging_falls_back_past_a_damaged_newest_snapshot(tmp_path):
+    """Guard.restore('latest') checks the bytes as it reads them into staging memory: the damaged
+    newest snapshot changes nothing live, and the older one is restored."""
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt}
+    reports: list[str] = []
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=reports.append)
+    older = guard.save(state, wait=True).result()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    train()
+    newest = guard.save(state, wait=True).result()
+    flip_byte_in_entry(tmp_path / "ckpt", guard.load(newest.id).manifest, "model/0.weight", at=1000)
+    train()
+    report = guard.restore(state)
+    assert report.snapshot.id == older.id
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    assert any(newest.id in note and "damaged" in note for note in report.notes)
+    assert any(newest.id in message for message in reports)
+
+
+def test_a_snapshot_checked_before_its_restore_is_copied_into_staging_then_exchanged(tmp_path):
+    """A %%checkpointed resume checks the snapshot when it picks it (``Catalog.latest_good``) and
+    restores it later: its bytes are copied from the page cache into the staging buffers."""
+    model, opt, train = _linear_and_adam()
+    state = {"model": model, "opt": opt}
+    guard, first = _warm_guard(tmp_path, state, train)
+    guard.save(state, wait=True).result()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    train()
+    snapshot, skipped = guard.catalog.latest_good(RUN)
+    assert not skipped and snapshot.was_checked(snapshot.manifest["tensors"]["model/0.weight"]["storage"])
+    memory = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    guard.restore_from(snapshot, state)
+    assert all(torch.equal(expected[k], v) and memory[k] != v.data_ptr() for k, v in model.state_dict().items())
+
+
 def test_memory_exchanged_is_exchanged_back_when_a_later_object_refuses(tmp_path):
     model, opt, train = _linear_and_adam()
     state = {"model": model, "opt": opt, "other": HalfLoader(1, 50)}

@@ -16,8 +16,9 @@ import xxhash
 
 from nbguard.errors import CorruptSnapshotError
 from nbguard.format.blobfile import BufferReader
-from nbguard.stores import mapped
-from nbguard.stores.filereader import FileReader, HashRange, hash_ranges
+from nbguard.stores import filereader, mapped
+from nbguard.stores.directio import byte_view
+from nbguard.stores.filereader import FileReader, HashRange, ReadRange, hash_ranges, read_ranges
 
 MiB = 2**20
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache maps")
@@ -146,6 +147,15 @@ def _ranges(tmp_path):
     return readers, [(readers[r], offset, nbytes, sources[r][offset:offset + nbytes]) for r, offset, nbytes in spans]
 
 
+def _failing_at(failing: int, finished: list[int]):
+    """A ``finish`` that records each range and finds range ``failing`` damaged."""
+    def finish(index: int) -> None:
+        finished.append(index)
+        if index == failing:
+            raise CorruptSnapshotError("blob entry 'x' is damaged (hash mismatch)")
+    return finish
+
+
 def test_hash_ranges_hashes_each_range_in_order_across_files(tmp_path):
     """One read-ahead thread across the ranges of a restore: each digest is its range's, each
     ``finish`` runs once, in order, right after its range; every byte is reported once."""
@@ -171,11 +181,7 @@ def test_hash_ranges_stops_at_the_first_range_that_fails_its_check(tmp_path):
     finished, and no read is left in flight."""
     readers, spans = _ranges(tmp_path)
     finished: list[int] = []
-
-    def finish(index: int) -> None:
-        finished.append(index)
-        if index == 1:
-            raise CorruptSnapshotError("blob entry 'x' is damaged (hash mismatch)")
+    finish = _failing_at(1, finished)
 
     ranges = [HashRange(reader, offset, nbytes, xxhash.xxh3_128(), lambda index=index: finish(index))
               for index, (reader, offset, nbytes, _) in enumerate(spans)]
@@ -197,5 +203,45 @@ def test_hash_ranges_on_a_kernel_without_populate_read_hashes_through_buffers(tm
                  for (reader, offset, nbytes, _), hasher in zip(spans, hashers, strict=True)])
     assert [h.hexdigest() for h in hashers] == [xxhash.xxh3_128(raw).hexdigest() for *_, raw in spans]
     assert mapped._enabled is False
+    for reader in readers:
+        reader.close()
+
+
+def test_read_ranges_lands_every_byte_and_hashes_what_landed(tmp_path, monkeypatch):
+    """A restore into staging memory: each range's bytes land in its own memory, read ahead in
+    pieces across ranges and files (pieces of 4 MiB here, so ranges span several), each hashed once
+    landed; ``finish`` once per range, in order; every byte reported once; no thread left behind."""
+    monkeypatch.setattr(filereader, "READ_PIECE", 4 * MiB)
+    readers, spans = _ranges(tmp_path)
+    targets = [torch.zeros(nbytes, dtype=torch.uint8) for _, _, nbytes, _ in spans]
+    finished: list[tuple[int, str]] = []
+    ranges = []
+    for index, ((reader, offset, _, _), target) in enumerate(zip(spans, targets, strict=True)):
+        hasher = xxhash.xxh3_128()
+        ranges.append(ReadRange(reader, offset, byte_view(target), hasher,
+                                lambda index=index, hasher=hasher: finished.append((index, hasher.hexdigest()))))
+    seen: list[int] = []
+    threads = {t.name for t in threading.enumerate()}
+    read_ranges(ranges, seen.append)
+    assert [bytes(t.numpy()) for t in targets] == [raw for *_, raw in spans]
+    assert finished == [(i, xxhash.xxh3_128(raw).hexdigest()) for i, (*_, raw) in enumerate(spans)]
+    assert sum(seen) == sum(nbytes for _, _, nbytes, _ in spans)
+    assert {t.name for t in threading.enumerate()} == threads
+    for reader in readers:
+        reader.close()
+
+
+def test_read_ranges_stops_at_the_first_range_that_fails_its_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(filereader, "READ_PIECE", 4 * MiB)
+    readers, spans = _ranges(tmp_path)
+    finished: list[int] = []
+    finish = _failing_at(1, finished)
+
+    targets = [torch.zeros(nbytes, dtype=torch.uint8) for _, _, nbytes, _ in spans]  # alive while reads may land
+    ranges = [ReadRange(reader, offset, byte_view(target), xxhash.xxh3_128(), lambda index=index: finish(index))
+              for index, ((reader, offset, _, _), target) in enumerate(zip(spans, targets, strict=True))]
+    with pytest.raises(CorruptSnapshotError, match="damaged"):
+        read_ranges(ranges)
+    assert finished == [0, 1]
     for reader in readers:
         reader.close()

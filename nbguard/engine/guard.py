@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import NbguardError, StaleCaptureError, UsageError
+from ..errors import (
+    CorruptSnapshotError,
+    NbguardError,
+    SnapshotError,
+    StaleCaptureError,
+    StoreError,
+    UsageError,
+)
 from ..format.codec import encode
 from ..format.manifest import (
     FORMAT,
@@ -330,14 +337,36 @@ class Guard:
         snapshot when the newest is damaged, and says so."""
         self.flush()
         if ref == "latest":
-            snapshot, skipped = self.catalog.latest_good(self.run)
+            return self._restore_newest_intact(state, namespace, rng)
+        return self.restore_from(self.catalog.get(ref, self.run), state, namespace=namespace, rng=rng)
+
+    def _restore_newest_intact(self, state: Mapping[str, Any] | None, namespace: MutableMapping[str, Any] | None,
+                               rng: bool) -> RestoreReport:
+        """``restore('latest')``: the newest snapshot whose bytes all check. Each is tried in turn,
+        newest first; a restore that finds damage changes nothing, so checking the bytes as they are
+        restored reads them once (``Catalog.latest_good`` checks them, and the restore then reads them
+        again)."""
+        skipped: list[str] = []
+        for info in self.catalog.snapshots(self.run):
+            try:
+                report = self.restore_from(self.catalog.get(info.id, self.run), state, namespace=namespace, rng=rng)
+            except (CorruptSnapshotError, StoreError) as exc:
+                if getattr(exc, "partly_restored", False):
+                    raise
+                skipped.append(f"snapshot {info.id} is damaged or incomplete ({exc}); using an older one")
+                continue
+            for path, problem in self.catalog.problems.items():
+                pid = path.rsplit("/", 1)[-1].removesuffix(".json")
+                if f"runs/{self.run}/" in path and pid > info.id:
+                    skipped.insert(0, f"snapshot {pid} cannot be read ({problem}); using an older one")
             for message in skipped:
                 self.say_once(_damage_key(message), message)
-        else:
-            snapshot, skipped = self.catalog.get(ref, self.run), []
-        report = self.restore_from(snapshot, state, namespace=namespace, rng=rng)
-        report.notes.extend(skipped)
-        return report
+            report.notes.extend(skipped)
+            return report
+        skipped += [f"{path}: {problem}" for path, problem in self.catalog.problems.items()]
+        for message in skipped:
+            self.say_once(_damage_key(message), message)
+        raise SnapshotError("no intact snapshot found" + (": " + "; ".join(skipped) if skipped else ""))
 
     def restore_from(
         self,

@@ -255,7 +255,13 @@ def _check_bytes(snapshot: Snapshot, items: list[Item], placement: _Placement, r
     total = 2 * sum(sizes[k]["nbytes"] for k in placement.direct) + \
         sum(sizes[k]["nbytes"] for k in [*fresh, *placement.staged])
     advance = _progress(total, progress)
-    snapshot.read_all_into({key: buffer for key, (_, buffer, _) in placement.staged.items()}, advance)
+    # Storages hashed before (``Catalog.latest_good``) are copied from the page cache, as ``direct`` ones
+    # are at the end; the others are read and hashed as they land.
+    checked = {key for key in placement.staged if snapshot.was_checked(key)}
+    snapshot.read_all_into({key: buffer for key, (_, buffer, _) in placement.staged.items() if key not in checked},
+                           advance)
+    for key in checked:
+        snapshot.read_into(key, placement.staged[key][1], advance)
     snapshot.check_all(placement.direct, advance)
     for key in fresh:
         snapshot.storage(key, advance)
@@ -312,9 +318,9 @@ def _apply_all(snapshot: Snapshot, items: list[Item], states: list[Any], placeme
                    f"had passed: the file changed or the disk failed). {', '.join(sorted(done))} "
                    f"{'is' if len(done) == 1 else 'are'} partly restored, everything else is as it was{failed}: "
                    "restore again, or from an earlier snapshot")
-        if isinstance(exc, NbguardError):
-            raise type(exc)(message) from exc
-        raise RestoreError(message) from exc
+        error = type(exc)(message) if isinstance(exc, NbguardError) else RestoreError(message)
+        error.partly_restored = True  # type: ignore[attr-defined]  # what Guard.restore('latest') must not retry over
+        raise error from exc
 
 
 def _undo(undo: list[Undo]) -> str:

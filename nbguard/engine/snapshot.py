@@ -31,7 +31,7 @@ from ..format.codec import decode, tensor_refs
 from ..format.manifest import info_from
 from ..humanize import size as human_size
 from ..stores import Store
-from ..stores.filereader import FileReader, HashRange, hash_ranges
+from ..stores.filereader import FileReader, HashRange, ReadRange, hash_ranges, read_ranges
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
 
@@ -157,18 +157,16 @@ class Snapshot:
         else:
             read_entry_into(reader, header, entry, byte_view(target), progress)
 
+    def was_checked(self, key: str) -> bool:
+        """Whether ``check`` hashed this storage's bytes in its blob file (``read_into`` then copies them
+        from the page cache)."""
+        return key in self._checked_in
+
     def read_all_into(self, targets: Mapping[str, torch.Tensor], progress: Callable[[int], None] | None = None) -> None:
         """Read several storages' bytes into memory of their own (``targets``: storage key -> contiguous
-        CPU tensor of exactly its size), in the order the bytes lie on the disk, each hashed as it
-        lands (what lands is what was checked). CorruptSnapshotError at the first that does not match."""
-        from ..stores.directio import byte_view
-
-        def position(key: str) -> tuple[str, int]:
-            _, header, entry = self._entry(key)
-            return self.manifest["storages"][key]["blob"], header.entries[entry].begin
-
-        for key in sorted(targets, key=position):
-            read_entry_into(*self._entry(key), byte_view(targets[key]), progress)
+        CPU tensor of exactly its size), in the order the bytes lie on the disk, each piece hashed once
+        it landed (what lands is what is checked). CorruptSnapshotError at the first that does not match."""
+        self._hash_in_disk_order(targets, progress, targets)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
         """Check one storage's bytes against their hash, reading them into the page cache only (they
@@ -184,16 +182,29 @@ class Snapshot:
         order a restore names them, and hashing in the caller's order read the files out of order (a
         cold 0.75 GiB restore hashed 24 storages at 22 places, with 16 KiB reads waiting on the disk
         between the 64 MiB ones)."""
-        ranges = []
+        self._hash_in_disk_order([k for k in keys if k not in self._verified], progress, None)
+
+    def _hash_in_disk_order(self, keys: Iterable[str], progress: Callable[[int], None] | None,
+                            into: Mapping[str, torch.Tensor] | None) -> None:
+        from ..stores.directio import byte_view
+
+        ranges: list[tuple[str, int, Any]] = []
         for key in keys:
-            if key in self._verified:
-                continue
             reader, header, entry = self._entry(key)
             offset, nbytes, hasher, verify = entry_check(header, entry)
-            ranges.append((self.manifest["storages"][key]["blob"], offset, HashRange(
-                reader, offset, nbytes, hasher, functools.partial(self._checked, key, reader, verify))))
+            if into is None:
+                check: Any = HashRange(reader, offset, nbytes, hasher, functools.partial(self._checked, key, reader, verify))
+            else:
+                target = byte_view(into[key])
+                if len(target) != nbytes:
+                    raise ValueError(f"storage {key!r} holds {nbytes} bytes, not {len(target)}")
+                check = ReadRange(reader, offset, target, hasher, verify)
+            ranges.append((self.manifest["storages"][key]["blob"], offset, check))
         ranges.sort(key=lambda r: (r[0], r[1]))
-        hash_ranges([r[2] for r in ranges], progress)
+        if into is None:
+            hash_ranges([r[2] for r in ranges], progress)
+        else:
+            read_ranges([r[2] for r in ranges], progress)
 
     def _checked(self, key: str, reader: Any, verify: Callable[[], None]) -> None:
         verify()

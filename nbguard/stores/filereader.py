@@ -357,3 +357,57 @@ def hash_ranges(ranges: Sequence[HashRange], progress: Callable[[int], None] | N
             piece.close()
         if helper is not None:
             helper.stop()
+
+
+# Reads of a restore into memory of its own come in pieces this large: 64 MiB requests let the
+# kernel read ahead far enough that the disk never waits (0.75 GiB into warm memory, hashed on the
+# calling thread while the next piece is read: 0.87x the single-threaded cold-read floor against
+# 1.15x with 16 MiB pieces, medians of 6 rounds).
+READ_PIECE = 64 * 2**20
+
+
+@dataclass
+class ReadRange:
+    """One range of a blob to read into ``into`` (memory of exactly its size), what it is hashed
+    with, and what to call once its last byte landed and was hashed."""
+
+    reader: Any
+    offset: int
+    into: memoryview
+    hasher: Any
+    finish: Callable[[], None]
+
+
+def read_ranges(ranges: Sequence[ReadRange], progress: Callable[[int], None] | None = None) -> None:
+    """Read ranges, in the order given (a restore sorts them as they lie on the disk), into their
+    memory, each piece hashed once it landed there (what is checked is what landed): a read-ahead
+    thread reads the next 64 MiB piece, across ranges, while this one hashes the last; each piece's
+    page-cache pages are dropped once hashed. Ranges of other readers (a blob held in memory) are
+    read by their ``read_into`` when their turn comes."""
+    pieces = [(i, b, min(b + READ_PIECE, len(r.into))) for i, r in enumerate(ranges) if isinstance(r.reader, FileReader)
+              for b in range(0, len(r.into), READ_PIECE)]
+    helper = _Helper("nbguard-read") if pieces else None
+    jobs: list[_Job] = []
+    for i, begin, end in pieces:
+        r = ranges[i]
+        assert helper is not None
+        jobs.append(helper.submit(functools.partial(r.reader._exact, r.into[begin:end], r.offset + begin)))
+    k = 0
+    try:
+        for i, r in enumerate(ranges):
+            if not isinstance(r.reader, FileReader):
+                r.reader.read_into(r.into, r.offset, r.hasher, progress)
+            while k < len(pieces) and pieces[k][0] == i:
+                _, begin, end = pieces[k]
+                jobs[k].result()
+                r.hasher.update(r.into[begin:end])
+                _drop_cache(r.reader._file.fileno(), r.offset + begin, end - begin)
+                if progress:
+                    progress(end - begin)
+                k += 1
+            r.finish()
+    finally:
+        for job in jobs:  # never leave a read in flight into memory that may be reused
+            job.done.wait()
+        if helper is not None:
+            helper.stop()
