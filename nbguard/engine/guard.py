@@ -364,8 +364,6 @@ class Guard:
             report.notes.extend(skipped)
             return report
         skipped += [f"{path}: {problem}" for path, problem in self.catalog.problems.items()]
-        for message in skipped:
-            self.say_once(_damage_key(message), message)
         raise SnapshotError("no intact snapshot found" + (": " + "; ".join(skipped) if skipped else ""))
 
     def restore_from(
