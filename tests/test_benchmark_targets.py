@@ -101,6 +101,34 @@ def test_the_paired_copy_floor_is_timed_after_settling_as_the_save_it_is_compare
     assert events == ["settle", "copy"]
 
 
+def test_the_paired_read_floor_reads_into_memory_touched_just_before(monkeypatch, tmp_path):
+    """A guarded restore reads into staging memory its run touched just before: the floor next to it
+    reads into memory as warm, not into a buffer left idle since the last floor."""
+    import torch
+
+    from benchmarks import floors
+
+    events: list[str] = []
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    real_fill, real_read = torch.Tensor.fill_, floors.read_views
+
+    def recording_fill(self, *args, **kwargs):
+        events.append("touch")
+        return real_fill(self, *args, **kwargs)
+
+    def recording_read(*args, **kwargs):
+        events.append("read")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "fill_", recording_fill)
+    monkeypatch.setattr(floors, "read_views", recording_read)
+    paired = floors.PairedFloors()
+    seconds, _ = paired.read_cold([str(path)])
+    assert events == ["touch", "read"] and seconds > 0
+    assert paired.buffer is not None and bytes(paired.buffer[:256].numpy()) == bytes(range(256))
+
+
 def test_write_overlap_times_the_copy_alone_and_beside_a_writer_and_leaves_no_file(tmp_path, capsys):
     from benchmarks import write_overlap
 
