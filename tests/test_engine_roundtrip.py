@@ -418,6 +418,20 @@ def test_export_writes_standard_safetensors(tmp_path):
         guard.catalog.export("latest", "nope", tmp_path / "x.safetensors", run="export")
 
 
+def test_export_of_strided_tensors_writes_their_bytes(tmp_path):
+    """Tensors stored strided (a transposed weight) are copied contiguous for the file; each copy must
+    live until it is written (a byte view does not keep its tensor alive)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    for k in range(6):
+        model.register_parameter(f"w{k}", nn.Parameter(torch.randn(64, 256).t()))
+    guard = Guard(tmp_path / "ckpt", run="export", report=None)
+    guard.save({"model": model}, wait=True)
+    out = guard.catalog.export("latest", "model", tmp_path / "model.safetensors", run="export")
+    weights = nbguard.load_weights(out)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
 def test_load_weights_reads_safetensors_written_by_others(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.ones(2, dtype=torch.bfloat16)}

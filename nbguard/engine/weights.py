@@ -28,12 +28,14 @@ from ..stores.filereader import FileReader
 def write_safetensors(tensors: dict[str, torch.Tensor], out: str | os.PathLike[str], metadata: dict[str, str]) -> str:
     """A standard safetensors file of contiguous CPU copies, written atomically."""
     buffers, items = {}, []
+    kept: list[torch.Tensor] = []  # a byte view does not hold its tensor: the copies must outlive the write
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_CODES:
             raise UsageError(f"{name}: dtype {tensor.dtype} cannot be stored in a safetensors file")
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8) if tensor.numel() else \
             torch.empty(0, dtype=torch.uint8)
         view = byte_view(data)  # not .numpy(): it would mark a live storage as NumPy's for good
+        kept.append(data)
         buffers[name] = view
         items.append((name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), view.nbytes, hash_bytes(view)))
     header, entries = build_header(items)
