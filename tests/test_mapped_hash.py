@@ -243,5 +243,9 @@ def test_read_ranges_stops_at_the_first_range_that_fails_its_check(tmp_path, mon
     with pytest.raises(CorruptSnapshotError, match="damaged"):
         read_ranges(ranges)
     assert finished == [0, 1]
+    # Range 1 ends with piece 9 (4 MiB pieces); at most READ_AHEAD = 2 more were asked for (range 2's
+    # and range 4's first), so the rest of range 4 and range 5 were never read
+    assert filereader.READ_AHEAD == 2
+    assert targets[4][:4 * MiB].any() and not targets[4][4 * MiB:].any() and not targets[5].any()
     for reader in readers:
         reader.close()

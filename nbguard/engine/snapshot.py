@@ -166,7 +166,15 @@ class Snapshot:
         """Read several storages' bytes into memory of their own (``targets``: storage key -> contiguous
         CPU tensor of exactly its size), in the order the bytes lie on the disk, each piece hashed once
         it landed (what lands is what is checked). CorruptSnapshotError at the first that does not match."""
-        self._hash_in_disk_order(targets, progress, targets)
+        from ..stores.directio import byte_view
+
+        ranges = []
+        for key, reader, offset, nbytes, hasher, verify in self._in_disk_order(targets):
+            into = byte_view(targets[key])
+            if len(into) != nbytes:
+                raise ValueError(f"storage {key!r} holds {nbytes} bytes, not {len(into)}")
+            ranges.append(ReadRange(reader, offset, into, hasher, verify))
+        read_ranges(ranges, progress)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
         """Check one storage's bytes against their hash, reading them into the page cache only (they
@@ -182,29 +190,18 @@ class Snapshot:
         order a restore names them, and hashing in the caller's order read the files out of order (a
         cold 0.75 GiB restore hashed 24 storages at 22 places, with 16 KiB reads waiting on the disk
         between the 64 MiB ones)."""
-        self._hash_in_disk_order([k for k in keys if k not in self._verified], progress, None)
+        checks = self._in_disk_order(k for k in keys if k not in self._verified)
+        hash_ranges([HashRange(reader, offset, nbytes, hasher, functools.partial(self._checked, key, reader, verify))
+                     for key, reader, offset, nbytes, hasher, verify in checks], progress)
 
-    def _hash_in_disk_order(self, keys: Iterable[str], progress: Callable[[int], None] | None,
-                            into: Mapping[str, torch.Tensor] | None) -> None:
-        from ..stores.directio import byte_view
-
-        ranges: list[tuple[str, int, Any]] = []
+    def _in_disk_order(self, keys: Iterable[str]) -> list[tuple[str, Any, int, int, Any, Callable[[], None]]]:
+        """(key, reader, offset, nbytes, hasher, verify) of each storage, in the order their bytes lie
+        on the disk (blob by blob, front to back)."""
+        checks = []
         for key in keys:
             reader, header, entry = self._entry(key)
-            offset, nbytes, hasher, verify = entry_check(header, entry)
-            if into is None:
-                check: Any = HashRange(reader, offset, nbytes, hasher, functools.partial(self._checked, key, reader, verify))
-            else:
-                target = byte_view(into[key])
-                if len(target) != nbytes:
-                    raise ValueError(f"storage {key!r} holds {nbytes} bytes, not {len(target)}")
-                check = ReadRange(reader, offset, target, hasher, verify)
-            ranges.append((self.manifest["storages"][key]["blob"], offset, check))
-        ranges.sort(key=lambda r: (r[0], r[1]))
-        if into is None:
-            hash_ranges([r[2] for r in ranges], progress)
-        else:
-            read_ranges([r[2] for r in ranges], progress)
+            checks.append((key, reader, *entry_check(header, entry)))
+        return sorted(checks, key=lambda c: (self.manifest["storages"][c[0]]["blob"], c[2]))
 
     def _checked(self, key: str, reader: Any, verify: Callable[[], None]) -> None:
         verify()
