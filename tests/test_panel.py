@@ -163,6 +163,54 @@ def test_restore_by_clicking_asks_then_restores_bitwise(store):
     assert "python, numpy, torch" in report and "Loop position: epoch 2" in report
 
 
+def test_restore_of_the_guards_own_snapshot_goes_through_its_staging_memory(tmp_path):
+    """The panel of a running session restores a snapshot of the session's store through its guard,
+    as ``%nbguard restore`` does: read into the guard's warm staging buffers, which then change places
+    with the live tensors' memory, and the next save descends from it. A snapshot of another store
+    is restored on its own."""
+    net, opt = build(seed=1)
+    x = torch.randn(16, 4)
+
+    def step() -> None:
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+
+    state = {"model": net, "opt": opt}
+    step()
+    guard = nbguard.Guard(tmp_path / "own", run="r", report=None)
+    first = guard.save(state, wait=True).result()
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    step()
+    guard.save(state, wait=True).result()  # every staging buffer is warm
+    other = nbguard.Guard(tmp_path / "other", run="r", report=None)
+    foreign = other.save(state, wait=True).result()
+    other.close()
+    try:
+        step()
+        buffers = {b.data_ptr() for b in guard._staging._buffers.values()}
+        p = nbguard.panel(tmp_path / "own", namespace=dict(state), guard=guard)
+        p.select(first.id)
+        p.restore_button.click()
+        p.confirm_button.click()
+        assert p.status_tone == "ok", p.status_text
+        assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
+        assert net[0].weight.data_ptr() in buffers  # the staging memory became the live tensor's
+        assert guard.parent == first.id and p.progress.value == 100
+        p.close()
+
+        step()
+        p = nbguard.panel(tmp_path / "other", namespace=dict(state), guard=guard)
+        p.select(foreign.id)
+        p.restore_button.click()
+        p.confirm_button.click()
+        assert p.status_tone == "ok", p.status_text
+        assert guard.parent == first.id  # not the guard's snapshot: restored without it
+        p.close()
+    finally:
+        guard.close()
+
+
 def test_restore_into_a_model_of_another_shape_changes_nothing(store):
     folder, _ = store
     net, opt = build(seed=1, hidden=16)

@@ -52,7 +52,7 @@ from ..stores import Store
 from ..version import __version__
 from .capture import capture
 from .catalog import Catalog
-from .report import RestoreReport
+from .report import ProgressFn, RestoreReport
 from .retention import Policy
 from .saving import (
     SaveStats,
@@ -373,12 +373,13 @@ class Guard:
         *,
         namespace: MutableMapping[str, Any] | None = None,
         rng: bool = True,
+        progress: ProgressFn | None = None,
     ) -> RestoreReport:
         """``snapshot.restore`` through this guard: its bytes are read into the staging memory the
         next save needs anyway, where it is ready, and that memory then changes places with the live
         tensors' (no copy into live memory, no memory beyond the guard's own)."""
         self.flush()  # the writer reads the staging buffers while a save is in flight
-        report = snapshot.restore(state, namespace=namespace, rng=rng, staging=self._staging)
+        report = snapshot.restore(state, namespace=namespace, rng=rng, progress=progress, staging=self._staging)
         self.parent = snapshot.id
         return report
 

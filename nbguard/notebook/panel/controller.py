@@ -26,6 +26,7 @@ from .live import StoreEvents
 
 if TYPE_CHECKING:
     from ...engine.report import RestoreReport
+    from ...engine.snapshot import Snapshot
 
 __all__ = ["PARTS", "PanelController", "Question", "WriterSource"]
 
@@ -196,7 +197,7 @@ class PanelController(Listing):
             self.say(f"Restoring snapshot {info.id}…", "busy")
             self._set_progress(0)
             try:
-                report = snapshot.restore(namespace=namespace, progress=self._restored)
+                report = self._restore(snapshot, namespace)
             finally:
                 self._set_progress(None)
             self._show_result(action_text.report_html(report, snapshot.manifest["objects"]))
@@ -212,6 +213,14 @@ class PanelController(Listing):
             except Exception as exc:
                 self.fail(f"Restored snapshot {info.id}, but on_restore failed: {type(exc).__name__}: {exc}", exc)
         return report
+
+    def _restore(self, snapshot: Snapshot, namespace: MutableMapping[str, Any]) -> RestoreReport:
+        """Through the session's guard when the snapshot is in the guard's own store (read into its
+        staging memory, which then changes places with the live tensors', and its next save descends
+        from the snapshot); a snapshot of another store is restored on its own."""
+        if self.guard is not None and self.guard.catalog.store.url == self.catalog.store.url:
+            return self.guard.restore_from(snapshot, namespace=namespace, progress=self._restored)
+        return snapshot.restore(namespace=namespace, progress=self._restored)
 
     def _restored(self, done: int, total: int) -> None:
         self._set_progress(100 if not total else int(100 * done / total))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Protocol
 
 from ...engine.catalog import Catalog
+from ...engine.report import ProgressFn, RestoreReport
+from ...engine.snapshot import Snapshot
 from ...errors import SnapshotError, UsageError
 from ...format.manifest import SnapshotInfo
 from . import model
@@ -27,7 +29,8 @@ class SaveStats(Protocol):
 
 
 class WriterSource(Protocol):
-    """What the panel reads of the session's ``Guard``: its catalog and its background writer."""
+    """What the panel uses of the session's ``Guard``: its catalog and its background writer, and its
+    staging memory to restore a snapshot of its own store (``restore_from``)."""
 
     @property
     def catalog(self) -> Catalog: ...
@@ -39,6 +42,9 @@ class WriterSource(Protocol):
     def last_error(self) -> BaseException | None: ...
     @property
     def last_stats(self) -> SaveStats | None: ...
+    def restore_from(self, snapshot: Snapshot, state: Mapping[str, Any] | None = None, *,
+                     namespace: MutableMapping[str, Any] | None = None, rng: bool = True,
+                     progress: ProgressFn | None = None) -> RestoreReport: ...
 
 
 class Listing:
