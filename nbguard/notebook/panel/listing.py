@@ -9,15 +9,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...engine.catalog import Catalog
-from ...engine.report import ProgressFn, RestoreReport
-from ...engine.snapshot import Snapshot
 from ...errors import SnapshotError, UsageError
 from ...format.manifest import SnapshotInfo
 from . import model
 from .chart import chart_svg
+
+if TYPE_CHECKING:  # for WriterSource's annotations only, as in controller.py
+    from ...engine.report import ProgressFn, RestoreReport
+    from ...engine.snapshot import Snapshot
 
 USAGE_MAX_AGE = 10.0  # seconds: a live refresh re-sums the store's size at most this often
 PARTS = ("list", "form", "status", "result", "progress")  # what on_change says changed
