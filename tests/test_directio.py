@@ -243,3 +243,40 @@ def test_bytes_not_in_the_cache_are_hashed_again(tmp_path, monkeypatch):
         assert torch.equal(out, data)
     finally:
         reader.close()
+
+
+def _resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """(in memory, all) of the tensor's whole pages (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    pages = (end - start) // mmap.PAGESIZE
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector.raw), pages
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only (MADV_POPULATE_WRITE, mincore)")
+def test_memory_a_restore_exchanged_in_untouched_is_faulted_in_before_the_next_save():
+    """A model made with torch.empty (or to_empty) hands memory nothing touched to the staging
+    buffers a restore exchanges; the prefault that follows a restore faults it in, contents unchanged."""
+    from nbguard.engine.staging import StagingArea
+    from nbguard.stores.directio import populate
+
+    untouched = torch.empty(32 * 2**20, dtype=torch.uint8)  # a fresh mapping: no page in memory yet
+    if _resident_pages(untouched)[0] > 16:
+        pytest.skip("the allocator handed out memory already in use")
+    area = StagingArea()
+    area._buffers["w"] = untouched  # what the exchange leaves in the staging area
+    area.prefault({"w": torch.ones(8 * 2**20)})  # the live tensor: same size, 32 MiB
+    area.wait_prefault()
+    assert area._buffers["w"] is untouched
+    resident, pages = _resident_pages(untouched)
+    assert resident == pages > 8000
+    filled = torch.full((4096 * 4,), 7, dtype=torch.uint8)
+    populate(filled)
+    assert bool((filled == 7).all())

@@ -317,3 +317,46 @@ def test_prepared_staging_memory_is_what_the_first_save_copies_into(tmp_path):
     fresh = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64))
     guard.restore({"model": fresh}, rng=False)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_a_resume_makes_staging_ready_for_what_the_restore_created(tmp_path):
+    """A new process resuming has an optimizer without state until the restore creates it; the
+    guard's prepare (started before the restore) cannot know it. The restore makes staging ready for
+    it in the background, so the first save after a resume copies into warm buffers like any other."""
+    model = nn.Linear(64, 64)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    Guard(tmp_path, run="r", report=None).save({"model": model, "opt": opt}, wait=True)
+
+    fresh = nn.Linear(64, 64)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    assert not fresh_opt.state  # what prepare sees in a new process
+    state = {"model": fresh, "opt": fresh_opt}
+    guard = Guard(tmp_path, run="r", report=None)
+    guard.prepare(state)
+    guard.restore(state, rng=False)
+    guard._staging.wait_prefault()
+    ready = dict(guard._staging._buffers)
+    for name in ("exp_avg", "exp_avg_sq"):
+        restored = fresh_opt.state[fresh.weight][name]
+        assert torch.equal(restored, opt.state[model.weight][name])
+        assert ready[f"opt/state/0/{name}"].numel() == restored.numel() * restored.element_size()
+    guard.save(state, wait=True)
+    assert all(guard._staging._buffers[key] is buffer for key, buffer in ready.items())  # nothing allocated anew
+
+
+def test_a_prefault_follows_the_one_running_and_replaces_buffers_of_another_size():
+    from nbguard.engine.staging import StagingArea
+
+    area = StagingArea()
+    first = {"a": torch.ones(1 << 20), "b": torch.ones(1 << 18)}
+    area._buffers["b"] = torch.empty(3, dtype=torch.uint8)  # left from a state of another shape
+    area.prefault(first)
+    area.prefault({"c": torch.ones(1 << 16)})  # returns at once, runs after the first
+    area.wait_prefault()
+    assert {k: b.numel() for k, b in area._buffers.items()} == {"a": 4 << 20, "b": 4 << 18, "c": 4 << 16}
+    kept = dict(area._buffers)
+    area.prefault(first)  # everything ready: nothing allocated
+    area.wait_prefault()
+    assert all(area._buffers[k] is b for k, b in kept.items())

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..format.blobfile import DTYPE_CODES, Item, hash_bytes, torch_dtype_name
-from ..stores.directio import byte_view
+from ..stores.directio import byte_view, populate
 
 _TensorBase = torch._C.TensorBase
 
@@ -242,19 +242,27 @@ class StagingArea:
     def prefault(self, tensors: dict[str, torch.Tensor]) -> None:
         """Allocate and touch the staging buffers these tensors will need, on a background thread, so
         that the first save copies into warm memory (fresh memory costs page faults: the first save
-        of a session used to stall ~2x a steady one). The next ``stage`` waits for it to finish."""
-        self.wait_prefault()
+        of a session used to stall ~2x a steady one). Returns at once: a prefault still running is
+        followed, not waited for. The next ``stage`` waits for both to finish."""
         groups = group_tensors(tensors)  # not the shared memo: this runs beside training
-        needed = [(g.key, g.nbytes, g.device.type == "cuda") for g in groups
-                  if g.nbytes and self._reusable(g) is None]
-        if not needed or not self._room_for(groups):
+        wanted = [(g.key, g.nbytes, g.device.type == "cuda") for g in groups if g.nbytes]
+        if not wanted or not self._room_for(groups):
             return
+        previous = self._prefault
 
         def touch() -> None:
-            for key, nbytes, pin in needed:
-                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-                buffer.zero_()  # faults every page in now (torch releases the GIL while it runs)
-                self._buffers.setdefault(key, buffer)
+            if previous is not None:
+                previous.join()  # one prefault at a time; what it made ready is not made twice
+            for key, nbytes, pin in wanted:
+                buffer = self._ready(key, nbytes)
+                if buffer is None:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+                    buffer.zero_()  # faults every page in now (torch releases the GIL while it runs)
+                    self._buffers[key] = buffer
+                elif not pin:
+                    # A restore may have exchanged in memory nothing ever touched (a model made with
+                    # torch.empty or to_empty): its pages are faulted in here, not in the next save.
+                    populate(buffer)
 
         self._prefault = threading.Thread(target=touch, name="nbguard-prefault", daemon=True)
         self._prefault.start()
@@ -328,8 +336,11 @@ class StagingArea:
         return free is None or needed <= free * (1 - self.memory_margin) - 256 * 2**20
 
     def _reusable(self, group: Group) -> torch.Tensor | None:
-        buffer = self._buffers.get(group.key)
-        return buffer if buffer is not None and buffer.numel() == group.nbytes else None
+        return self._ready(group.key, group.nbytes)
+
+    def _ready(self, key: str, nbytes: int) -> torch.Tensor | None:
+        buffer = self._buffers.get(key)
+        return buffer if buffer is not None and buffer.numel() == nbytes else None
 
     def _copy(self, group: Group) -> torch.Tensor:
         buffer = self._reusable(group)

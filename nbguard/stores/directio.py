@@ -238,21 +238,44 @@ _libc = None
 _populate_ok = sys.platform.startswith("linux")  # MADV_POPULATE_WRITE (Linux 5.14+; found out on first use)
 MADV_POPULATE_WRITE = 23
 _prefault_queue: queue.SimpleQueue[tuple[int, int]] | None = None
+_populate_worked = False  # a failure after the first success means that memory, not the kernel
+
+
+def _populate(libc: ctypes.CDLL, start: int, end: int) -> bool:
+    """MADV_POPULATE_WRITE over [start, end) in PIECE steps; False once it fails (memory already
+    freed, or a kernel without it: the reader or the copy then faults the pages itself)."""
+    global _populate_ok, _populate_worked
+    for chunk in range(start, end, PIECE):
+        if libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
+            if not _populate_worked and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+                _populate_ok = False  # a kernel older than 5.14
+            return False
+        _populate_worked = True
+    return True
 
 
 def _prefault_loop(jobs: queue.SimpleQueue[tuple[int, int]]) -> None:
-    global _populate_ok
-    worked = False
     libc = _libc
     assert libc is not None  # loaded by prefault() before this thread starts
     while True:
         start, end = jobs.get()
-        for chunk in range(start, end, PIECE):
-            if libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
-                if not worked and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
-                    _populate_ok = False  # a kernel older than 5.14
-                break  # memory already freed, or unsupported: the reader faults the pages itself
-            worked = True
+        _populate(libc, start, end)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    global _libc, _populate_ok
+    if _populate_ok and _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _populate_ok = False
+    return _libc if _populate_ok else None
+
+
+def _pages(tensor: torch.Tensor) -> tuple[int, int]:
+    start = round_up(tensor.data_ptr(), mmap.PAGESIZE)
+    return start, (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
 
 
 def prefault(tensor: torch.Tensor) -> None:
@@ -261,22 +284,24 @@ def prefault(tensor: torch.Tensor) -> None:
     Fresh memory costs a page fault per 4 KiB (host faults on a VM): done beside the disk's DMA
     instead of inside it. MADV_POPULATE_WRITE never changes memory contents, so the reader may
     overtake it, and memory freed in between is harmless."""
-    global _libc, _prefault_queue, _populate_ok
-    if not _populate_ok:
+    global _prefault_queue
+    if _load_libc() is None:
         return
     if _prefault_queue is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _populate_ok = False
-            return
         _prefault_queue = queue.SimpleQueue()
         threading.Thread(target=_prefault_loop, args=(_prefault_queue,), name="nbguard-prefault", daemon=True).start()
-    start = round_up(tensor.data_ptr(), mmap.PAGESIZE)
-    end = (tensor.data_ptr() + tensor.numel()) // mmap.PAGESIZE * mmap.PAGESIZE
+    start, end = _pages(tensor)
     if end > start:
         _prefault_queue.put((start, end))
+
+
+def populate(tensor: torch.Tensor) -> None:
+    """Fault in the pages of ``tensor`` (CPU memory) that are not there yet, in the calling thread;
+    pages already there cost a look at their page table. Contents never change."""
+    libc = _load_libc()
+    start, end = _pages(tensor)
+    if libc is not None and end > start:
+        _populate(libc, start, end)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
