@@ -260,6 +260,29 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     out["restore_model_only_read_bytes"] = io.read_bytes
     del snap
     gc.collect()
+
+    # a resume as a new process meets it: the weights in memory just allocated, the optimizer without
+    # state (Adam creates it at its first step; here the restore does), the guard's prepare started in
+    # the background right before the restore (as %%checkpointed does). Its first save is compared
+    # with its next, as the first save of a guarded run is.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = torch.empty_like(p)
+    opt.state.clear()
+    gc.collect()
+    resumer = nbguard.Guard(folder, run="bench", keep=10, report=notes.append)
+    evict_tree(folder)
+    t0 = time.perf_counter()
+    resumer.prepare(state)
+    resumer.restore(state)
+    out["resume_restore"] = time.perf_counter() - t0
+    for key in ("resume_first_stall", "resume_next_stall"):
+        advance(model, opt)
+        fl.settle()
+        out[key] = _timed_save(resumer, state)[0]
+    resumer.close()
+    del resumer
+    gc.collect()
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -577,6 +600,10 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("first save after a restore ≤ 1.3× the round's steady save stall (info)",
         per_round(n, "after_restore_stall", n, "steady_stall"), 1.3,
         "the comparison of stop 30: another guard's steady save, made a minute earlier in the round")
+    add("first save after a new process's resume ≤ 1.3× the same guard's next save",
+        per_round(n, "resume_first_stall", n, "resume_next_stall"), 1.3,
+        "weights in fresh memory, the optimizer's state created by the restore, prepare started just before it; "
+        "its first save / its next one, after every tensor changed again")
     add("restore cold ≤ 1.3× cold-read floor of the floors case (info)", per_round(n, "restore", f, "read_cold"), 1.3,
         "the same against the floors case of each round (one file of the state's size)")
     add("restore cold ≤ 1.3× cold read into fresh memory (info)", per_round(n, "restore", f, "read_cold_fresh"), 1.3,
@@ -704,6 +731,10 @@ def figure_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              f"staging ready; read {_fmt_b(_med(n, 'restore_read_bytes'))}"),
             ("  its next save / the one after", f"{_fmt_s(_med(n, 'after_restore_stall'))} / "
              f"{_fmt_s(_med(n, 'after_restore_next_stall'))}", "", "each after every tensor changed"),
+            ("resume as a new process (prepare started, then restore)", _fmt_s(_med(n, "resume_restore")), "",
+             "weights in fresh memory, the optimizer without state, the snapshot evicted"),
+            ("  its first save / the next", f"{_fmt_s(_med(n, 'resume_first_stall'))} / "
+             f"{_fmt_s(_med(n, 'resume_next_stall'))}", "", "each after every tensor changed"),
             ("nbguard restore cold, without a guard", _fmt_s(_med(n, "restore_plain")), _rate(size, _med(n, "restore_plain")),
              f"nbguard.load(...).restore; read {_fmt_b(_med(n, 'restore_plain_read_bytes'))}"),
             ("  floors next to them: copy_ / write+fsync / cold read",
