@@ -113,6 +113,16 @@ def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
     return stall, durable
 
 
+def _first_and_next(guard: Any, model, opt, state: dict[str, Any], first: str, next_: str) -> dict[str, float]:
+    """The stalls of two saves by ``guard``, each after every tensor changed (a training step)."""
+    stalls = {}
+    for key in (first, next_):
+        advance(model, opt)
+        fl.settle()
+        stalls[key] = _timed_save(guard, state)[0]
+    return stalls
+
+
 def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFloors) -> dict[str, Any]:
     """One repeat: a fresh Guard in a fresh folder; first (full) save, an unchanged save, a full save
     with reused buffers after every tensor changed, then cold restores (all, and the model only).
@@ -221,10 +231,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     # the first save after it: its staging buffers now hold the memory the live tensors gave up. It
     # is compared with the same guard's next save, seconds later, as the first save of a guarded run
     # is: every stall of both is the copy (profiled), whose speed swings 0.16-0.35 s over a minute
-    for key in ("after_restore_stall", "after_restore_next_stall"):
-        advance(model, opt)
-        fl.settle()
-        out[key] = _timed_save(restorer, state)[0]
+    out.update(_first_and_next(restorer, model, opt, state, "after_restore_stall", "after_restore_next_stall"))
     restorer.close()
     del restorer
     gc.collect()
@@ -276,10 +283,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     resumer.prepare(state)
     resumer.restore(state)
     out["resume_restore"] = time.perf_counter() - t0
-    for key in ("resume_first_stall", "resume_next_stall"):
-        advance(model, opt)
-        fl.settle()
-        out[key] = _timed_save(resumer, state)[0]
+    out.update(_first_and_next(resumer, model, opt, state, "resume_first_stall", "resume_next_stall"))
     resumer.close()
     del resumer
     gc.collect()
