@@ -360,3 +360,19 @@ def test_a_prefault_follows_the_one_running_and_replaces_buffers_of_another_size
     area.prefault(first)  # everything ready: nothing allocated
     area.wait_prefault()
     assert all(area._buffers[k] is b for k, b in kept.items())
+
+
+def test_a_restore_that_succeeded_is_not_failed_by_the_staging_warm_up_after_it(tmp_path, monkeypatch):
+    import nbguard.engine.guard as guard_module
+
+    model = nn.Linear(8, 8)
+    Guard(tmp_path, run="r", report=None).save({"model": model}, wait=True)
+    fresh = nn.Linear(8, 8)
+    guard = Guard(tmp_path, run="r", report=None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a state this warm-up cannot read")
+
+    monkeypatch.setattr(guard_module, "capture", broken)
+    guard.restore({"model": fresh}, rng=False)
+    assert torch.equal(fresh.weight, model.weight)
