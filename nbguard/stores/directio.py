@@ -241,17 +241,16 @@ _prefault_queue: queue.SimpleQueue[tuple[int, int]] | None = None
 _populate_worked = False  # a failure after the first success means that memory, not the kernel
 
 
-def _populate(libc: ctypes.CDLL, start: int, end: int) -> bool:
-    """MADV_POPULATE_WRITE over [start, end) in PIECE steps; False once it fails (memory already
-    freed, or a kernel without it: the reader or the copy then faults the pages itself)."""
+def _populate(libc: ctypes.CDLL, start: int, end: int) -> None:
+    """MADV_POPULATE_WRITE over [start, end) in PIECE steps, stopping at the first failure (memory
+    already freed, or a kernel without it: the reader or the copy then faults the pages itself)."""
     global _populate_ok, _populate_worked
     for chunk in range(start, end, PIECE):
         if libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(min(PIECE, end - chunk)), MADV_POPULATE_WRITE):
             if not _populate_worked and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
                 _populate_ok = False  # a kernel older than 5.14
-            return False
+            return
         _populate_worked = True
-    return True
 
 
 def _prefault_loop(jobs: queue.SimpleQueue[tuple[int, int]]) -> None:
