@@ -12,8 +12,8 @@ be judged against the speed of its own processes too (``lost_vs_reference``), an
 page faults and CPU seconds. Both sides run with glibc's malloc thresholds pinned (``PINNED_MALLOC``).
 
     python -m benchmarks.throughput --cadence 30s --seconds 120 --pairs 3
-    python -m benchmarks.throughput --cadence 5m --seconds 330 --pairs 1   # the default cadence
-    python -m benchmarks.throughput --cadence 5m --seconds 330 --pairs 3 --layout side-by-side
+    python -m benchmarks.throughput --cadence 5m --seconds 400 --pairs 1   # the default cadence
+    python -m benchmarks.throughput --cadence 5m --seconds 400 --pairs 3 --layout side-by-side
 
 ``--layout side-by-side`` runs the two sides at the same time instead, one CPU each
 (``measure_side_by_side``): a finer instrument where the machine's speed drifts between processes.
@@ -143,11 +143,36 @@ def _child_script() -> str:
     return path
 
 
-def _check_saved_in_loop(guarded: dict[str, Any], cadence: str) -> None:
-    """RuntimeError if a guarded run that lasted longer than its cadence saved only outside its loop."""
-    if sum(guarded["step_s"]) > _seconds(cadence) + 1 and not _in_loop(guarded):
-        raise RuntimeError(f"the guarded run trained {sum(guarded['step_s']):.0f} s at --every {cadence} and "
+# A run meant to hold a timer save is planned this much longer than its cadence: its steps are
+# counted from a short calibration, and a run whose steps then ran faster (stop 32: 62 ms calibrated,
+# 52 ms run, a 310 s run at 5m trained 264 s) would otherwise end before the cadence came round.
+MARGIN = 1.3
+
+
+def _check_saved_in_loop(guarded: dict[str, Any], cadence: str, planned_s: float | None = None) -> None:
+    """RuntimeError if a guarded run saved only outside its loop though a timer save was due in it:
+    it trained longer than its cadence, or it was planned (``planned_s``) to."""
+    trained = sum(guarded["step_s"])
+    every = _seconds(cadence)
+    if _in_loop(guarded):
+        return
+    if trained > every + 1:
+        raise RuntimeError(f"the guarded run trained {trained:.0f} s at --every {cadence} and "
                            "never saved inside its loop: nbguard found no safe point in it")
+    if planned_s is not None and planned_s > every:
+        raise RuntimeError(f"the guarded run was planned for {planned_s:g} s at --every {cadence} but its steps ran "
+                           f"faster than calibrated: it trained {trained:.0f} s and held no timer save, so it measured "
+                           f"none; give --seconds at least {MARGIN:g}x the cadence")
+
+
+def check_seconds(cadence: str, seconds: float) -> None:
+    """ValueError for a run planned longer than its cadence but within ``MARGIN`` of it: a timer save
+    is meant to fall inside it, and steps a little faster than calibrated would leave none."""
+    every = _seconds(cadence)
+    if every < seconds < MARGIN * every:
+        raise ValueError(f"--seconds {seconds:g} is too close to --cadence {cadence} ({every:g} s): a run whose steps go "
+                         f"a little faster than calibrated would hold no timer save; use --seconds {MARGIN * every:g} or "
+                         f"more (or less than {every:g} to measure the fixed costs alone)")
 
 
 def _start(mode: str, folder: str, steps: int, every: str, malloc: str = "pinned",
@@ -219,7 +244,7 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
             # by ±10 % from process to process here, measured in its own CPU seconds)
             relative = {m: t["seconds"] / t["reference_s"] for m, t in times.items()}
             lost_ref = relative["guarded"] / relative["plain"] - 1
-            _check_saved_in_loop(times["guarded"], cadence)
+            _check_saved_in_loop(times["guarded"], cadence, seconds)
             drift_free = lost_drift_free(times["plain"], times["guarded"])
             at_saves = lost_drift_free(times["plain"], times["guarded"], around=save_moments(times["guarded"]))
             rounds.append({"plain_s": times["plain"]["seconds"], "guarded_s": times["guarded"]["seconds"],
@@ -384,7 +409,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
                     f"{times[1]['seconds']:.1f} s on CPU {order[1]} -> {lost:+.2%}; drift-free {nulls_drift_free[-1]:+.2%}; "
                     f"at saves {nulls_at_saves[-1]:+.2%}")
                 continue
-            _check_saved_in_loop(times[1], cadence)
+            _check_saved_in_loop(times[1], cadence, seconds)
             relative = [t["seconds"] / t["reference_s"] for t in times]
             rounds.append({"plain_s": times[0]["seconds"], "guarded_s": times[1]["seconds"], "lost": lost,
                            "lost_vs_reference": relative[1] / relative[0] - 1,
@@ -420,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None, help="limit for the median lost throughput, e.g. 0.02")
     parser.add_argument("--out", default=os.path.join(HERE, "benchmarks", "results"))
     args = parser.parse_args(argv)
+    try:
+        check_seconds(args.cadence, args.seconds)
+    except ValueError as error:
+        parser.error(str(error))
     load = os.getloadavg()[0]
     if args.layout == "side-by-side":
         result = measure_side_by_side(args.cadence, args.seconds, args.pairs, args.null_pairs, malloc=args.malloc)

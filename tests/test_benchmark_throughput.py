@@ -98,3 +98,25 @@ def test_a_guarded_run_without_a_save_in_its_loop_is_refused():
     with pytest.raises(RuntimeError, match="never saved inside its loop"):
         _check_saved_in_loop(ended_only, "2s")
     _check_saved_in_loop(ended_only, "30s")  # shorter than its cadence: nothing was due
+
+
+def test_a_run_planned_past_its_cadence_that_ended_before_it_is_refused():
+    """Stop 32's 5-minute run: planned for 310 s, its steps ran faster than calibrated, it trained
+    264 s and held no timer save, and it passed as if it had measured one."""
+    from benchmarks.throughput import _check_saved_in_loop
+
+    ended_early = {**_run([0.1] * 100), "save_at": [10.2]}  # 10 s of steps, cadence 12 s
+    with pytest.raises(RuntimeError, match="faster than calibrated"):
+        _check_saved_in_loop(ended_early, "12s", planned_s=13)
+    _check_saved_in_loop(ended_early, "12s", planned_s=11)  # planned shorter: fixed costs only, as asked
+
+
+def test_seconds_too_close_to_the_cadence_are_refused_before_anything_runs(capsys):
+    from benchmarks.throughput import check_seconds, main
+
+    with pytest.raises(SystemExit):
+        main(["--cadence", "5m", "--seconds", "310"])
+    assert "too close to --cadence 5m" in capsys.readouterr().err
+    check_seconds("5m", 400)  # a margin
+    check_seconds("5m", 250)  # shorter than the cadence: no timer save meant
+    check_seconds("30s", 120)
