@@ -463,6 +463,96 @@ def test_restore_latest_through_warm_staging_falls_back_past_a_damaged_newest_sn
     assert any(newest.id in message for message in reports)
 
 
+def _saved_and_new_process(tmp_path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model + Adam saved; then the same model built anew with other weights and an optimizer
+    without state, as a new process has them before its resume."""
+    model, opt, _ = _linear_and_adam()
+    Guard(tmp_path / "ckpt", run=RUN, report=None).save({"model": model, "opt": opt}, wait=True).result()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, fresh_opt, _ = _linear_and_adam(seed=1)
+    fresh_opt.state.clear()
+    return expected, {"model": fresh, "opt": fresh_opt}
+
+
+def test_a_resume_through_a_guard_whose_staging_is_not_ready_reads_each_storage_once(tmp_path, monkeypatch):
+    """A resume starts the guard's prepare and restores at once: storages whose staging buffer is
+    not ready yet are read into staging memory claimed for them (one pass, hashed as it lands) and
+    exchanged, instead of hashed in the page cache and then copied into live memory (two passes);
+    the buffers then hold the displaced memory, and the next save allocates nothing."""
+    from nbguard.engine.snapshot import Snapshot
+
+    expected, state = _saved_and_new_process(tmp_path)
+    model = state["model"]
+    hashed_in_cache: list[str] = []
+    check_all = Snapshot.check_all
+    monkeypatch.setattr(Snapshot, "check_all", lambda self, keys, *a: (hashed_in_cache.extend(keys),
+                                                                       check_all(self, keys, *a))[1])
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)  # no prepare: nothing is ready
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    guard.restore(state)
+    assert not hashed_in_cache
+    assert all(torch.equal(expected[k], v) and v.data_ptr() != before[k] for k, v in model.state_dict().items())
+    guard._staging.wait_prefault()
+    buffers = {key: buffer.data_ptr() for key, buffer in guard._staging._buffers.items()}
+    assert {buffers[f"model/{k}"] for k in before} == set(before.values())  # the displaced memory, kept
+    guard.save(state, wait=True).result()
+    assert all(guard._staging._buffers[key].data_ptr() == address for key, address in buffers.items())
+    assert all(torch.equal(expected[k], v) for k, v in guard.load("latest").state_dict("model").items())
+
+
+def test_a_resume_racing_its_prepare_restores_and_keeps_one_buffer_per_group(tmp_path):
+    expected, state = _saved_and_new_process(tmp_path)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    guard.prepare(state)  # in the background, as %%checkpointed starts it right before the restore
+    guard.restore(state)
+    assert all(torch.equal(expected[k], v) for k, v in state["model"].state_dict().items())
+    guard._staging.wait_prefault()
+    state_bytes = sum(t.numel() * t.element_size() for t in state["model"].state_dict().values()) + sum(
+        t.numel() * t.element_size() for s in state["opt"].state.values() for t in s.values() if torch.is_tensor(t))
+    rng = sum(b.numel() for k, b in guard._staging._buffers.items() if k.startswith("rng/"))
+    assert guard._staging.buffer_bytes - rng == state_bytes
+    saved = guard.save(state, wait=True).result()
+    assert all(torch.equal(expected[k], v) for k, v in guard.load(saved.id).state_dict("model").items())
+
+
+def test_a_resume_claims_no_staging_memory_that_does_not_fit(tmp_path, monkeypatch):
+    """Where the staging memory does not fit (as when a guard's saves stream), the restore reads into
+    live memory as without a guard: it adds no memory."""
+    import nbguard.engine.staging as staging
+
+    expected, state = _saved_and_new_process(tmp_path)
+    monkeypatch.setattr(staging, "available_memory", lambda: 0)
+    guard = Guard(tmp_path / "ckpt", run=RUN, report=None)
+    before = {k: v.data_ptr() for k, v in state["model"].state_dict().items()}
+    guard.restore(state)
+    assert all(torch.equal(expected[k], v) and v.data_ptr() == before[k] for k, v in state["model"].state_dict().items())
+    assert not guard._staging._buffers
+
+
+def test_a_corrupt_byte_read_into_claimed_staging_memory_changes_nothing_live(tmp_path):
+    _, state = _saved_and_new_process(tmp_path)
+    model = state["model"]
+    manifest = nbguard.load(tmp_path / "ckpt").manifest
+    flip_byte_in_entry(tmp_path / "ckpt", manifest, "model/1.weight", at=17)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    with pytest.raises(CorruptSnapshotError):
+        Guard(tmp_path / "ckpt", run=RUN, report=None).restore_from(nbguard.load(tmp_path / "ckpt"), state)
+    assert all(torch.equal(before[k][0], v) and before[k][1] == v.data_ptr() for k, v in model.state_dict().items())
+    assert not state["opt"].state
+
+
+def test_a_prefault_keeps_the_buffer_a_restore_claimed():
+    from nbguard.engine.staging import StagingArea
+
+    area = StagingArea()
+    claimed = area.claim({"a": 4 << 16})["a"]
+    area.prefault({"a": torch.ones(1 << 16), "b": torch.ones(1 << 10)})
+    area.wait_prefault()
+    assert area._buffers["a"] is claimed and area._buffers["b"].numel() == 4 << 10
+    again = area.claim({"a": 4 << 16, "b": 4 << 10})  # ready ones: nothing new
+    assert again.keys() == {"a", "b"} and all(again[k] is area._buffers[k] for k in again)
+
+
 def test_a_snapshot_checked_before_its_restore_is_copied_into_staging_then_exchanged(tmp_path):
     """A %%checkpointed resume checks the snapshot when it picks it (``Catalog.latest_good``) and
     restores it later: its bytes are copied from the page cache into the staging buffers."""

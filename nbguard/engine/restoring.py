@@ -2,8 +2,9 @@
 
 1. Check, reading no tensor bytes: every object is there and of the right kind, every name, shape
    and dtype fits (trees decode to placeholders), every blob header agrees with the manifest.
-2. Check every byte. Through a ``Guard`` (``staging``), a contiguous CPU storage whose group has a
-   warm staging buffer of its size is read into that buffer and hashed as it lands, in disk order;
+2. Check every byte. Through a ``Guard`` (``staging``), a contiguous CPU storage torch allocated is
+   read into its group's staging buffer (a warm one, or new memory claimed for it where the staging
+   memory fits: a resume whose prepare is still running) and hashed as it lands, in disk order;
    at step 3 the live storage and the buffer exchange memory (``_swap_data_ptr_``: every tensor that
    shares the storage sees it), so the bytes checked are the bytes used, and the buffer holds the
    displaced ones for the next save to copy over. Other storages that go straight into a live
@@ -153,8 +154,8 @@ def _protected(name: str, namespace: Mapping[str, Any]) -> str | None:
 
 
 def _place(snapshot: Snapshot, items: list[Item], staging: StagingArea | None = None) -> _Placement:
-    """Which storages are read into a warm staging buffer whose memory then changes places with the
-    live storage's (``staged``), which go straight into live memory (``direct``: contiguous CPU
+    """Which storages are read into a guard's staging buffer (warm, or claimed now: ``StagingArea.claim``)
+    whose memory then changes places with the live storage's (``staged``), which go straight into live memory (``direct``: contiguous CPU
     tensors), which are read into fresh memory and swapped in (``swap``: GPU or strided tensors),
     and the rest."""
     where: dict[str, tuple[torch.Tensor, str]] = {}
@@ -178,17 +179,22 @@ def _place(snapshot: Snapshot, items: list[Item], staging: StagingArea | None = 
             candidates.append((storage, keys, first, owner))
             region = (first.device, first.data_ptr())
             regions[region] = regions.get(region, 0) + 1
+    # one live tensor filled from two stored ones: load_state_dict decides, as in torch
+    candidates = [c for c in candidates if regions[(c[2].device, c[2].data_ptr())] == 1]
+    sizes = {storage: snapshot.manifest["storages"][storage]["nbytes"] for storage, *_ in candidates}
+    plain = {storage: first.is_contiguous() and snapshot.placeholder(keys[0]).is_contiguous()
+             and first.numel() * first.element_size() == sizes[storage] for storage, keys, first, _ in candidates}
+    # Through a guard, every storage that can change memory with a staging buffer does: a warm one,
+    # or one claimed now (a resume whose prepare has not reached it yet), read once and kept.
+    exchangeable = {storage: sizes[storage] for storage, _, first, _ in candidates
+                    if plain[storage] and _exchangeable(first, sizes[storage])}
+    buffers = staging.claim(exchangeable) if staging is not None and exchangeable else {}
     placement = _Placement()
     for storage, keys, first, owner in candidates:
-        if regions[(first.device, first.data_ptr())] > 1:
-            continue  # one live tensor filled from two stored ones: load_state_dict decides, as in torch
-        nbytes = snapshot.manifest["storages"][storage]["nbytes"]
-        plain = first.is_contiguous() and snapshot.placeholder(keys[0]).is_contiguous() and \
-            first.numel() * first.element_size() == nbytes
-        buffer = staging.warm_buffer(storage, nbytes) if staging is not None and plain else None
-        if buffer is not None and _exchangeable(first, nbytes):
+        buffer = buffers.get(storage)
+        if buffer is not None:
             placement.staged[storage] = (first, buffer, owner)
-        elif plain and first.device.type == "cpu":
+        elif plain[storage] and first.device.type == "cpu":
             placement.direct[storage] = (first, owner)
         else:
             placement.swap[storage] = (keys[0], first, owner)

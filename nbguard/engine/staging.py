@@ -213,6 +213,7 @@ class StagingArea:
         self._committed: dict[str, tuple[tuple, tuple[int, ...], StoredEntry]] = {}
         self._flagged: set[str] = set()  # groups caught changing behind their version counters
         self._prefault: threading.Thread | None = None
+        self._register = threading.Lock()  # a buffer is made ready by the prefault thread or claimed by a restore
 
     def _unchanged(self, group: Group, volatile: frozenset | set = frozenset()) -> StoredEntry | None:
         """The stored entry a group may reuse, or None to copy it (see the module docstring)."""
@@ -258,7 +259,9 @@ class StagingArea:
                 if buffer is None:
                     buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
                     buffer.zero_()  # faults every page in now (torch releases the GIL while it runs)
-                    self._buffers[key] = buffer
+                    with self._register:
+                        if self._ready(key, nbytes) is None:  # else a restore claimed it meanwhile: keep that
+                            self._buffers[key] = buffer
                 elif not pin:
                     # A restore may have exchanged in memory nothing ever touched (a model made with
                     # torch.empty or to_empty): its pages are faulted in here, not in the next save.
@@ -276,6 +279,33 @@ class StagingArea:
         if buffer is None or buffer.numel() != nbytes or buffer.storage_offset() or buffer.is_pinned():
             return None
         return buffer
+
+    def claim(self, wanted: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Staging buffers for a restore to read into and exchange (``warm_buffer``), for groups
+        (key -> nbytes): each warm one, and for the rest new pageable memory of their size, listed at
+        once as theirs so that a prefault still running does not allocate them too. The read then
+        faults the new pages in as it fills them: one pass over the bytes where a live storage without
+        a ready buffer was read twice (hashed in the page cache, then copied), and after the exchange
+        the buffer holds the displaced memory, ready for the next save. The new ones only where the
+        staging memory fits (as ``prefault``); none otherwise."""
+        claimed = {}
+        for key, nbytes in wanted.items():
+            buffer = self.warm_buffer(key, nbytes)
+            if buffer is not None:
+                claimed[key] = buffer
+        fresh = {key: nbytes for key, nbytes in wanted.items() if self._ready(key, nbytes) is None}
+        free = available_memory()
+        needed = sum(fresh.values())
+        if not fresh or (free is not None and needed > free * (1 - self.memory_margin) - 256 * 2**20):
+            return claimed
+        with self._register:
+            for key, nbytes in fresh.items():
+                if self._ready(key, nbytes) is None:  # one of another size is replaced, as by prefault
+                    self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+                buffer = self.warm_buffer(key, nbytes)
+                if buffer is not None:
+                    claimed[key] = buffer
+        return claimed
 
     def wait_prefault(self) -> None:
         thread, self._prefault = self._prefault, None
