@@ -589,6 +589,9 @@ def build_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add("restore cold ≤ 1.3× cold-read floor", next_to("restore", "restore_floor", "read_cold"), 1.3,
         "Guard.restore into live model+optimizer, staging ready (read into it, memory exchanged) / cold read "
         "of the snapshot's own files, next to it")
+    add("resume as a new process, cold ≤ 1.3× cold-read floor (info)", next_to("resume_restore", "restore_floor", "read_cold"),
+        1.3, "a fresh Guard's prepare started in the background right before its restore (as %%checkpointed does), "
+        "the weights in memory never touched, the optimizer without state / the round's cold read next to the restore")
     add("restore cold without a guard ≤ 1.3× cold-read floor (info)", next_to("restore_plain", "restore_floor", "read_cold"),
         1.3, "nbguard.load(...).restore (a script): every byte hashed from disk, then copied into the live tensors")
     read_and_copy = None

@@ -27,6 +27,7 @@ def test_the_floor_targets_use_the_floors_measured_next_to_the_operation():
     nbguard = _case(steady_stall=[0.12, 0.24, 0.12], steady_stall_floor=[0.1, 0.2, 0.1],
                     steady_durable=[1.1, 1.1, 1.1], steady_durable_floor=[1.0, 1.0, 1.0],
                     restore=[0.6, 0.9, 0.6], restore_floor=[0.5, 0.75, 0.5], restore_plain=[0.6, 0.9, 0.6],
+                    resume_restore=[0.7, 0.75, 0.5],
                     first_stall=[0.2] * 3, first_prepared_stall=[0.12] * 3, first_durable=[1.2] * 3)
     targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
                                                       "state_bytes": 1})}
@@ -39,6 +40,8 @@ def test_the_floor_targets_use_the_floors_measured_next_to_the_operation():
     assert targets["restore cold ≤ 1.3× cold-read floor of the floors case (info)"]["status"] == "PASS"
     assert round(targets["until durable ≤ 1.3× write+fsync floor (steady save)"]["value"], 6) == 1.1
     assert round(targets["restore cold without a guard ≤ 1.3× cold-read floor (info)"]["value"], 6) == 1.2
+    resume = targets["resume as a new process, cold ≤ 1.3× cold-read floor (info)"]
+    assert (round(resume["value"], 6), resume["status"]) == (1.0, "PASS")  # 1.4, 1.0, 1.0
     read_and_copy = targets["restore cold without a guard ≤ 1.3× (cold read + one copy_ of the state) (info)"]
     assert round(read_and_copy["value"], 6) == 1.0  # 0.6 / (0.5 + 0.1), 0.9 / (0.75 + 0.2), 0.6 / (0.5 + 0.1)
 
