@@ -143,6 +143,22 @@ def _child_script() -> str:
     return path
 
 
+# Two plain processes doing the same steps end on the same loss only most of the time here: 10 plain
+# runs of 8 steps (stop 33) ended on 2.190335988998413 seven times and 2.190005302429199 three times
+# (torch's 2-thread MKL/oneDNN kernels do not always sum in one order across processes); a guarded run
+# differs as often. Exact equality made one test of this benchmark fail about one time in three.
+LOSS_RTOL = 1e-3
+
+
+def check_same_work(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """RuntimeError unless two runs trained the same number of steps to nearly the same loss (a run
+    that skipped or repeated steps would not)."""
+    if len(a["step_s"]) != len(b["step_s"]):
+        raise RuntimeError(f"the two runs did not do the same work: {len(a['step_s'])} vs {len(b['step_s'])} steps")
+    if abs(a["final_loss"] - b["final_loss"]) > LOSS_RTOL * abs(a["final_loss"]):
+        raise RuntimeError(f"the two runs did not do the same work: final loss {a['final_loss']!r} vs {b['final_loss']!r}")
+
+
 # A run meant to hold a timer save is planned this much longer than its cadence: its steps are
 # counted from a short calibration, and a run whose steps then ran faster (stop 32: 62 ms calibrated,
 # 52 ms run, a 310 s run at 5m trained 264 s) would otherwise end before the cadence came round.
@@ -236,9 +252,7 @@ def measure(cadence: str, seconds: float, pairs: int, log: Any = print, malloc: 
                 shutil.rmtree(folder, ignore_errors=True)
                 times[mode] = _child(mode, folder, steps, cadence, malloc)
                 shutil.rmtree(folder, ignore_errors=True)
-            if times["guarded"]["final_loss"] != times["plain"]["final_loss"]:
-                raise RuntimeError(f"the guarded run did not do the plain run's work: final loss "
-                                   f"{times['guarded']['final_loss']!r} vs {times['plain']['final_loss']!r}")
+            check_same_work(times["plain"], times["guarded"])
             lost = times["guarded"]["seconds"] / times["plain"]["seconds"] - 1
             # each run's time over the same process's plain reference steps (its speed, which drifts
             # by ±10 % from process to process here, measured in its own CPU seconds)
@@ -397,9 +411,7 @@ def measure_side_by_side(cadence: str, seconds: float, pairs: int, null_pairs: i
             times = [_finish(mode, process) for mode, _, process in running]
             for _, folder, _ in running:
                 shutil.rmtree(folder, ignore_errors=True)
-            if times[0]["final_loss"] != times[1]["final_loss"]:
-                raise RuntimeError(f"the two sides did not do the same work: final loss {times[0]['final_loss']!r} "
-                                   f"vs {times[1]['final_loss']!r}")
+            check_same_work(*times)
             lost = times[1]["seconds"] / times[0]["seconds"] - 1
             if null:
                 nulls.append(lost)

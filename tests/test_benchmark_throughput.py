@@ -120,3 +120,14 @@ def test_seconds_too_close_to_the_cadence_are_refused_before_anything_runs(capsy
     check_seconds("5m", 400)  # a margin
     check_seconds("5m", 250)  # shorter than the cadence: no timer save meant
     check_seconds("30s", 120)
+
+
+def test_two_runs_must_have_trained_the_same_steps_to_nearly_the_same_loss():
+    from benchmarks.throughput import check_same_work
+
+    plain = {**_run([0.1] * 100), "final_loss": 2.190335988998413}
+    check_same_work(plain, {**plain, "final_loss": 2.190005302429199})  # what two plain processes end on here
+    with pytest.raises(RuntimeError, match="99 steps"):
+        check_same_work(plain, {**_run([0.1] * 99), "final_loss": plain["final_loss"]})
+    with pytest.raises(RuntimeError, match="final loss"):
+        check_same_work(plain, {**plain, "final_loss": 2.3})
