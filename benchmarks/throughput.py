@@ -145,17 +145,20 @@ def _child_script() -> str:
 
 # Two plain processes doing the same steps end on the same loss only most of the time here: 10 plain
 # runs of 8 steps (stop 33) ended on 2.190335988998413 seven times and 2.190005302429199 three times
-# (torch's 2-thread MKL/oneDNN kernels do not always sum in one order across processes); a guarded run
-# differs as often. Exact equality made one test of this benchmark fail about one time in three.
-LOSS_RTOL = 1e-3
+# (torch's 2-thread CPU kernels do not always sum in one order across processes); a guarded run
+# differs as often. Exact equality made one test of this benchmark fail about one time in three. The
+# tolerance is absolute at the scale of the starting loss (~2.3): after 7263 steps both sides of a
+# 5-minute pair had learned the 16 batches by heart, 2.40e-07 against 2.64e-07, which a relative
+# tolerance refused.
+LOSS_TOLERANCE = 1e-3
 
 
 def check_same_work(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """RuntimeError unless two runs trained the same number of steps to nearly the same loss (a run
-    that skipped or repeated steps would not)."""
+    """RuntimeError unless two runs trained the same number of steps (what a run that skipped or
+    repeated steps would not) to nearly the same loss."""
     if len(a["step_s"]) != len(b["step_s"]):
         raise RuntimeError(f"the two runs did not do the same work: {len(a['step_s'])} vs {len(b['step_s'])} steps")
-    if abs(a["final_loss"] - b["final_loss"]) > LOSS_RTOL * abs(a["final_loss"]):
+    if abs(a["final_loss"] - b["final_loss"]) > LOSS_TOLERANCE * max(1.0, abs(a["final_loss"])):
         raise RuntimeError(f"the two runs did not do the same work: final loss {a['final_loss']!r} vs {b['final_loss']!r}")
 
 

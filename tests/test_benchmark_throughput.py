@@ -127,6 +127,8 @@ def test_two_runs_must_have_trained_the_same_steps_to_nearly_the_same_loss():
 
     plain = {**_run([0.1] * 100), "final_loss": 2.190335988998413}
     check_same_work(plain, {**plain, "final_loss": 2.190005302429199})  # what two plain processes end on here
+    learned = {**plain, "final_loss": 2.4028119582908403e-07}  # a 5-minute pair, both sides near zero
+    check_same_work(learned, {**learned, "final_loss": 2.63564260194471e-07})
     with pytest.raises(RuntimeError, match="99 steps"):
         check_same_work(plain, {**_run([0.1] * 99), "final_loss": plain["final_loss"]})
     with pytest.raises(RuntimeError, match="final loss"):
