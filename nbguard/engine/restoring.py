@@ -154,10 +154,10 @@ def _protected(name: str, namespace: Mapping[str, Any]) -> str | None:
 
 
 def _place(snapshot: Snapshot, items: list[Item], staging: StagingArea | None = None) -> _Placement:
-    """Which storages are read into a guard's staging buffer (warm, or claimed now: ``StagingArea.claim``)
-    whose memory then changes places with the live storage's (``staged``), which go straight into live memory (``direct``: contiguous CPU
-    tensors), which are read into fresh memory and swapped in (``swap``: GPU or strided tensors),
-    and the rest."""
+    """Which storages are read into a guard's staging buffer (warm, or claimed now:
+    ``StagingArea.claim``) whose memory then changes places with the live storage's (``staged``),
+    which go straight into live memory (``direct``: contiguous CPU tensors), which are read into
+    fresh memory and swapped in (``swap``: GPU or strided tensors), and the rest."""
     where: dict[str, tuple[torch.Tensor, str]] = {}
     for item in items:
         for key in item.in_place:

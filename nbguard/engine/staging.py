@@ -294,9 +294,7 @@ class StagingArea:
             if buffer is not None:
                 claimed[key] = buffer
         fresh = {key: nbytes for key, nbytes in wanted.items() if self._ready(key, nbytes) is None}
-        free = available_memory()
-        needed = sum(fresh.values())
-        if not fresh or (free is not None and needed > free * (1 - self.memory_margin) - 256 * 2**20):
+        if not fresh or not self._fits(sum(fresh.values())):
             return claimed
         with self._register:
             for key, nbytes in fresh.items():
@@ -359,7 +357,10 @@ class StagingArea:
         return layout
 
     def _room_for(self, groups: list[Group]) -> bool:
-        needed = sum(g.nbytes for g in groups if g.device.type == "cpu" and self._reusable(g) is None)
+        return self._fits(sum(g.nbytes for g in groups if g.device.type == "cpu" and self._reusable(g) is None))
+
+    def _fits(self, needed: int) -> bool:
+        """Whether ``needed`` more bytes of staging memory leave the machine its margin."""
         if needed == 0:
             return True
         free = available_memory()
