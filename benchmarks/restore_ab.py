@@ -52,6 +52,11 @@ with fl.IoDelta() as io, fl.PeakRss() as mem:
         sd = torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)
         model.load_state_dict(sd["model"])
         opt.load_state_dict(sd["opt"])
+    elif mode == "resume":  # as %%checkpointed resumes: the guard's prepare started, then its restore
+        import nbguard
+        guard = nbguard.Guard(folder, run="ab", report=None)
+        guard.prepare({"model": model, "opt": opt})
+        guard.restore({"model": model, "opt": opt})
     else:
         import nbguard
         nbguard.load(folder, "latest").restore({"model": model, "opt": opt}, rng=False)
@@ -81,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                         help="another nbguard checkout to compare (its nbguard is imported)")
+    parser.add_argument("--how", choices=("load", "resume"), default="load",
+                        help="load: nbguard.load(...).restore (a script); resume: a Guard's prepare started, "
+                             "then its restore (%%%%checkpointed after a restart)")
     parser.add_argument("--folder", default=None, help="where the snapshot and the torch file go (default: a temp folder)")
     args = parser.parse_args(argv)
     trees = {"this": HERE} | dict(t.split("=", 1) for t in args.tree)
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(folder)
     try:
         _run(["setup", folder, str(args.size_gib)], HERE)
-        cases = [("floor", "floor", HERE)] + [(name, "nbguard", path) for name, path in trees.items()] + \
+        cases = [("floor", "floor", HERE)] + [(name, "nbguard" if args.how == "load" else "resume", path)
+                                             for name, path in trees.items()] + \
             [("torch.load", "torch", HERE)]
         results: dict[str, list[tuple[float, int, int]]] = {name: [] for name, _, _ in cases}
         loads = [os.getloadavg()[0]]
