@@ -31,8 +31,7 @@ from ..format.codec import decode, tensor_refs
 from ..format.manifest import info_from
 from ..humanize import size as human_size
 from ..stores import Store
-from ..stores.directread import read_ranges_direct
-from ..stores.filereader import FileReader, HashRange, ReadRange, hash_ranges
+from ..stores.filereader import FileReader, HashRange, ReadRange, hash_ranges, read_ranges
 from .fit import Placeholder
 from .report import ProgressFn, RestoreReport
 
@@ -175,7 +174,7 @@ class Snapshot:
             if len(into) != nbytes:
                 raise ValueError(f"storage {key!r} holds {nbytes} bytes, not {len(into)}")
             ranges.append(ReadRange(reader, offset, into, hasher, verify))
-        read_ranges_direct(ranges, progress)
+        read_ranges(ranges, progress)
 
     def check(self, key: str, progress: Callable[[int], None] | None = None) -> None:
         """Check one storage's bytes against their hash, reading them into the page cache only (they

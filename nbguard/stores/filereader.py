@@ -47,10 +47,6 @@ class FileReader:
         if getattr(self, "_helper", None) is not None:
             self.close()
 
-    def fileno(self) -> int:
-        """The file's descriptor (positional reads only: other readers may share it)."""
-        return self._file.fileno()
-
     def identity(self) -> tuple[int, ...]:
         """What changes when the file is replaced or written: device, inode, size, mtime and ctime (ns)."""
         st = os.fstat(self._file.fileno())
