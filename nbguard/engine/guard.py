@@ -168,6 +168,7 @@ class Guard:
         """Get staging memory ready for ``state`` in the background (the first save then stalls no
         longer than a steady one); ``wait`` blocks until it is. The guarded run calls it as it starts."""
         with self._lock:
+            self._writer.start()
             self._staging.prefault(capture(state, with_rng=False).tensors)
             if wait:
                 self._staging.wait_prefault()

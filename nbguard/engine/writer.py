@@ -87,11 +87,21 @@ class Writer:
                 from ..errors import UsageError
                 raise UsageError("this Guard is closed: create a new Guard to save again")
             self._job = (job, handle, then)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            self._start_thread()
             self._cond.notify_all()
         return handle
+
+    def start(self) -> None:
+        """Start the thread now, ahead of the first save (whose stall would otherwise include
+        ``Thread.start``: ~2 ms on 2 busy cores, measured); nothing once closed."""
+        with self._cond:
+            if not self._closed:
+                self._start_thread()
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
 
     def run_inline(self, job: Callable[[], T], handle: SaveHandle[T],
                    then: Callable[[T | None], None] | None = None) -> SaveHandle[T]:
