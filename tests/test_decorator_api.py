@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+import torch
+
 import nbguard
+from nbguard.engine.catalog import Catalog
+from nbguard.stores.local import LocalStore
+from nbguard.training.resume_choice import choose
+from nbguard.training.spelling import DECORATOR, MAGIC
 
 MODULE = textwrap.dedent("""
     import torch
@@ -43,3 +50,30 @@ def test_as_a_decorator_it_saves_the_training_objects(tmp_path):
     ns["train"](3)
     snapshot = nbguard.load(str(tmp_path), "latest", run="decorated")
     assert {"model", "opt"} <= set(snapshot.names)
+
+
+def test_a_finished_run_says_how_to_train_again_the_way_a_script_writes_it(tmp_path, capsys):
+    ns = _module()
+    ns["train"] = nbguard.checkpointed(every="1h", dir=str(tmp_path), name="twice")(ns["train"])
+    ns["train"](3)
+    capsys.readouterr()
+    ns["train"](3)
+    out = capsys.readouterr().out
+    assert "already finished" in out and "fresh=True" in out, out
+    assert "%%checkpointed" not in out, out
+
+
+@pytest.mark.parametrize("spelling, said, not_said", [
+    (MAGIC, ("%%checkpointed --resume-from", "--fresh"), ("fresh=True",)),
+    (DECORATOR, ("resume_from='", "fresh=True"), ("%%checkpointed", "--fresh")),
+])
+def test_a_snapshot_whose_loops_nest_differently_is_refused_in_the_entry_points_words(tmp_path, spelling, said,
+                                                                                       not_said):
+    store = LocalStore(tmp_path / "store")
+    saved = nbguard.Guard(store, run="r", report=None).save(
+        {"model": torch.nn.Linear(2, 2)}, extra={"fingerprint": "f", "structure": "s"}, wait=True).result()
+    with pytest.raises(nbguard.UsageError) as raised:
+        choose(Catalog(store), "r", fingerprint="g", structure="other", spelling=spelling)
+    message = str(raised.value)
+    assert "loops nest differently" in message and saved.id in message, message
+    assert all(words in message for words in said) and not any(words in message for words in not_said), message

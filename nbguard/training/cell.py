@@ -234,7 +234,7 @@ class CheckpointedCell:
         start_point = self.session.start_points.pop((self.location, self.run_name), None)
         choice = choose(self.guard.catalog, self.run_name, fingerprint=self.cell.fingerprint,
                         structure=self.structure, fresh=self.options.fresh, resume_from=self.options.resume_from,
-                        start_point=start_point)
+                        start_point=start_point, spelling=self.options.spelling)
         self.origin = choice.origin
         self.cell_changed = choice.changed
         self.continues_finished = choice.continues_finished
@@ -243,13 +243,14 @@ class CheckpointedCell:
     def _restore(self, snapshot: Snapshot) -> None:
         runtime = self.runtime
         report = restore_snapshot(snapshot, self._discover().objects, self.namespace,
-                                  runtime.frames if runtime is not None else [], self.guard)
+                                  runtime.frames if runtime is not None else [], self.guard, self.options.spelling)
         self.resumed_from = snapshot.info
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         say_restored(snapshot.info, report,
                      finished=bool(extra_of(snapshot).get("completed")) and not self.continues_finished,
                      cell_changed=self.cell_changed,
-                     workers_resumed=runtime is not None and getattr(runtime, "resumed_with_workers", False))
+                     workers_resumed=runtime is not None and getattr(runtime, "resumed_with_workers", False),
+                     spelling=self.options.spelling)
 
     # -- running -------------------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -349,11 +350,12 @@ class CheckpointedCell:
             self._said(f"stopped at once; the last snapshot is kept{self._last_text()}")
             raise
         except RestoreError as exc:
-            if "--fresh" in str(exc):
+            spelling = self.options.spelling
+            if spelling.fresh in str(exc):  # already says how to go on
                 raise
             # The loops did not reach the snapshot's position: say both ways on, never retrain silently.
-            raise RestoreError(f"{exc}. To continue from another snapshot: %%checkpointed --resume-from ID ; to "
-                               "start over: --fresh") from None
+            raise RestoreError(f"{exc}. To continue from another snapshot: {spelling.resume_from('ID')} ; to "
+                               f"start over: {spelling.fresh}") from None
         except Exception:
             if not isinstance(sys.exc_info()[1], NbguardError):
                 self._said(f"the cell stopped with an error; the last snapshot is kept{self._last_text()}. "

@@ -32,6 +32,7 @@ from ..format.manifest import check_run_name
 from .cell import RESULT_NAME, CheckpointedCell, StopAfterSave
 from .options import CellOptions, parse_duration
 from .session import Session
+from .spelling import DECORATOR
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +64,7 @@ def checkpointed(function: Callable[..., Any] | None = None, *, every: str | flo
     options = CellOptions(
         every=parse_duration(every), every_iter=every_iter, keep=keep, best=Policy.parse_best(best) if best else None,
         name=check_run_name(name) if name else None, dir=dir, state=tuple(state) if state is not None else None,
-        exclude=tuple(exclude), fresh=fresh, resume_from=resume_from,
+        exclude=tuple(exclude), fresh=fresh, resume_from=resume_from, spelling=DECORATOR,
     )
     if every_iter is not None and (not isinstance(every_iter, int) or every_iter < 1):
         raise UsageError(f"every_iter must be a positive whole number, not {every_iter!r}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engine.retention import Policy
 from ..errors import UsageError
+from .spelling import MAGIC, Spelling
 
 DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
 MIN_EVERY = 0.1  # below this the timer thread would only spin: saves coalesce at the writer anyway
@@ -63,6 +64,7 @@ class CellOptions:
     fresh: bool = False
     resume_from: str | None = None
     budget: float | None = None  # seconds from the cell's start; None: the platform's default; 0: none
+    spelling: Spelling = MAGIC  # how advice names these options: the magic's flags or the decorator's
 
     def policy(self) -> Policy:
         """What the run's snapshots keep: ``keep`` newest, and the best by ``best`` when given."""

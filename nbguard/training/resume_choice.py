@@ -20,6 +20,7 @@ from ..errors import SnapshotError, UsageError
 from ..format.manifest import SnapshotInfo
 from ..humanize import ago, clock
 from .loops.rewrite import LoopInfo
+from .spelling import MAGIC, Spelling
 
 
 def loop_structure(loops: Sequence[LoopInfo]) -> str:
@@ -42,16 +43,18 @@ class ResumeChoice:
 
 
 def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fresh: bool = False,
-           resume_from: str | None = None, start_point: str | None = None) -> ResumeChoice:
+           resume_from: str | None = None, start_point: str | None = None,
+           spelling: Spelling = MAGIC) -> ResumeChoice:
     """Decide where a guarded cell continues. Raises ``UsageError`` when the newest snapshot was
-    taken by a version of the cell whose loops nest differently (never retrains silently)."""
+    taken by a version of the cell whose loops nest differently (never retrains silently). The
+    advice in notes and errors names the options as ``spelling`` writes them."""
     if fresh:
         return ResumeChoice()
     if start_point:  # restored by hand (panel, %nbguard restore): continue from exactly that one
         snapshot = catalog.get(start_point, run)
         return ResumeChoice(snapshot, changed=extra_of(snapshot).get("fingerprint") != fingerprint)
     if resume_from:
-        return _resume_from(catalog, run, resume_from, fingerprint)
+        return _resume_from(catalog, run, resume_from, fingerprint, spelling)
     try:
         snapshot, skipped = catalog.latest_good(run)
     except SnapshotError:
@@ -64,17 +67,17 @@ def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fres
             f"two writers (two kernels of this notebook?) saved this run at the same time; continuing from the "
             f"newest snapshot, {describe(snapshot)}, written by {snapshot.info.writer or 'an unknown writer'}. "
             f"The other one's newest is {other.id} ({other.writer or 'unknown writer'}): to continue that one, "
-            f"%%checkpointed --resume-from {other.id} ; give each its own run with --name")
+            f"{spelling.resume_from(other.id)} ; give each its own run with {spelling.name_option}")
     if extra.get("fingerprint") == fingerprint:
         return choice
     if extra.get("structure") != structure:
         raise UsageError(f"snapshot {describe(snapshot)} was taken by an earlier version of this cell whose loops "
                          "nest differently, so its position cannot be mapped onto this cell. To continue from it "
-                         f"anyway: %%checkpointed --resume-from {snapshot.id} ; to start over: --fresh")
+                         f"anyway: {spelling.resume_from(snapshot.id)} ; to start over: {spelling.fresh}")
     if extra.get("completed") and not extra.get("final_loops"):
         raise UsageError(f"this run finished (snapshot {describe(snapshot)}) with an earlier version of this cell, "
                          "and where its loops ended is not known. To train the edited cell from the start: "
-                         f"%%checkpointed --fresh ; to take that final state as it is: --resume-from {snapshot.id}")
+                         f"{spelling.fresh} ; to take that final state as it is: {spelling.resume_from(snapshot.id)}")
     choice.changed = True
     choice.continues_finished = bool(extra.get("completed"))
     return choice
@@ -96,7 +99,7 @@ def interleaved_writer(snapshots: list[SnapshotInfo], newest: SnapshotInfo) -> S
     return None
 
 
-def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str) -> ResumeChoice:
+def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str, spelling: Spelling) -> ResumeChoice:
     """``--resume-from ID`` applies once: once this run has saved after resuming from ID, later
     runs of the cell continue from the run's own newest snapshot."""
     try:
@@ -106,8 +109,9 @@ def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str) -> Resu
     origin = extra_of(newest).get("origin") if newest is not None else None
     # Compared by id prefix: the snapshot named may have been removed by retention since.
     if newest is not None and isinstance(origin, str) and origin.startswith(ref) and newest.id != origin:
-        note = (f"--resume-from {ref} was applied in an earlier run; continuing from this run's newest snapshot "
-                f"{describe(newest)} (remove --resume-from from the cell to stop seeing this)")
+        option = spelling.resume_from_option
+        note = (f"{option} {ref} was applied in an earlier run; continuing from this run's newest snapshot "
+                f"{describe(newest)} (remove {option} from {spelling.where} to stop seeing this)")
         return ResumeChoice(newest, [*skipped, note], changed=extra_of(newest).get("fingerprint") != fingerprint,
                             origin=origin)
     target = catalog.get(ref)

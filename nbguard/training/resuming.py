@@ -24,6 +24,7 @@ from ..humanize import ago, clock
 from .frame_state import FrameNamespace, PathFrame
 from .loops import LoopPosition, ResumePlan
 from .resume_choice import extra_of
+from .spelling import MAGIC, Spelling
 
 
 def resume_plan(snapshot: Snapshot, *, continues_finished: bool) -> ResumePlan:
@@ -42,7 +43,7 @@ def resume_plan(snapshot: Snapshot, *, continues_finished: bool) -> ResumePlan:
 
 
 def restore_snapshot(snapshot: Snapshot, objects: Mapping[str, Any], namespace: MutableMapping[str, Any],
-                     frames: list[PathFrame], guard: Guard) -> RestoreReport:
+                     frames: list[PathFrame], guard: Guard, spelling: Spelling = MAGIC) -> RestoreReport:
     """Restore ``snapshot`` through the cell's ``guard`` into its training ``objects``, its plain values
     into ``namespace`` and the saved locals into ``frames``. An object saved under a name the cell now
     knows only by another (an alias) is found by that one."""
@@ -57,21 +58,21 @@ def restore_snapshot(snapshot: Snapshot, objects: Mapping[str, Any], namespace: 
         report = guard.restore_from(snapshot, targets, namespace=into)
     except RestoreError as exc:
         raise RestoreError(f"{exc}. Snapshot {snapshot.id} does not fit the objects this notebook built: build "
-                           "the same model (and optimizer) as when it was taken, or start over with "
-                           "%%checkpointed --fresh") from None
+                           f"the same model (and optimizer) as when it was taken, or start over with "
+                           f"{spelling.fresh}") from None
     into.apply()
     return report
 
 
 def say_restored(info: SnapshotInfo, report: RestoreReport, *, finished: bool, cell_changed: bool,
-                 workers_resumed: bool) -> None:
+                 workers_resumed: bool, spelling: Spelling = MAGIC) -> None:
     """Print what a resume restored: from which snapshot, what, and what it could not."""
     when = f"saved {ago(info.created)} at {clock(info.created)}"
     where = f", {info.label}" if info.label else ""
     what = ", ".join(name for name, _ in report.restored)
     if finished:
         print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
-              f"({what}) and skipped the loops. To train again from scratch: %%checkpointed --fresh", flush=True)
+              f"({what}) and skipped the loops. To train again from scratch: {spelling.fresh}", flush=True)
     else:
         changed = "; the cell changed since this snapshot (its loops are the same)" if cell_changed else ""
         print(f"nbguard: resumed from snapshot {info.id} ({when}{where}){changed}; restored {what} and the "
