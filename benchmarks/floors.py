@@ -86,6 +86,48 @@ def settle() -> None:
 PRIME_DIR = "."
 
 
+# This VM's kernel hands freed memory back to the host in passes ("free page reporting"; its
+# page_reporting module counts what it handed back in reported_kib). A pass starts ~2 s after a large
+# free (a settle's deleted file, a closed guard's staging) and runs ~0.3 s, and an operation timed
+# during it runs slower (a 0.75 GiB save stalled 55-85 ms instead of ~38, the copy and the Python
+# around it alike). ``REPORTING`` notes, for each timed operation, whether a pass overlapped it.
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def reported_kib() -> int | None:
+    """KiB handed back to the host so far, where the kernel counts it; None elsewhere."""
+    try:
+        with open(REPORTED_KIB) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+class ReportingLog:
+    """Timed operations by label, each with whether a reporting pass ran during it (diagnostic only:
+    no sample is dropped or retaken)."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, bool]]] = {}
+
+    def add(self, label: str, seconds: float, before: int | None, after: int | None) -> None:
+        if before is not None and after is not None:
+            self.samples.setdefault(label, []).append((seconds, after != before))
+
+    def summary(self) -> dict[str, Any]:
+        out = {}
+        for label, samples in self.samples.items():
+            hit = [s for s, overlapped in samples if overlapped]
+            clean = [s for s, overlapped in samples if not overlapped]
+            out[label] = {"n": len(samples), "overlapped": len(hit),
+                          "median_clean": statistics.median(clean) if clean else None,
+                          "median_overlapped": statistics.median(hit) if hit else None}
+        return out
+
+
+REPORTING = ReportingLog()
+
+
 def _gibs(nbytes: int, seconds: float | None) -> str:
     return f"{nbytes / GiB / seconds:.2f} GiB/s" if seconds else "n/a"
 
@@ -427,10 +469,13 @@ class PairedFloors:
             targets.append(flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
             offset += size
         settle()
+        before = reported_kib()
         t0 = time.perf_counter()
         for d, t in zip(targets, tensors, strict=True):
             d.copy_(t)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        REPORTING.add("copy floor", seconds, before, reported_kib())
+        return seconds
 
     def write_fsync(self, path: str, tensors: Sequence[torch.Tensor]) -> float:
         """Seconds to write the tensors' bytes to a new file and fsync it (as ``Floors.write_fsync``),
@@ -454,12 +499,14 @@ class PairedFloors:
         # buffer, last written minutes before, took 3.4-3.6 s against 1.4 s for the floors case's read.
         destination.fill_(1)
         view = byte_views([destination])[0]
+        before = reported_kib()
         with IoDelta() as io:
             t0 = time.perf_counter()
             offset = 0
             for path in paths:
                 offset += read_views(path, [view[offset:]], drop_behind=True)
             seconds = time.perf_counter() - t0
+        REPORTING.add("cold read floor", seconds, before, reported_kib())
         return seconds, io.read_bytes
 
 

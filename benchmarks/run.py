@@ -40,8 +40,9 @@ from .floors import GiB, IoDelta, MiB, PeakRss, advance, evict_tree, rehome, sta
 # what a restore into the live state may add to peak RSS: its read window (a piece hashed, the next
 # read in) and 1 MiB for the interpreter's own objects
 RESTORE_MEMORY_LIMIT = 2 * PIECE + MiB
-# guarded runs per round whose first save is timed against their own next save
-GUARDED_RUNS_PER_ROUND = 2
+# guarded runs per round whose first save is timed against their own next save (the round takes the
+# medians: with two, one slow first save of a pair set the round's figure)
+GUARDED_RUNS_PER_ROUND = 3
 # steady saves per round (each with its floors next to it); the round reports their medians
 STEADY_SAVES_PER_ROUND = 3
 # restores (and resumes) per round whose first save is timed against the same guard's next save: a
@@ -112,9 +113,11 @@ def _stats(guard: Any) -> Any:
 
 def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
     """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised."""
+    before = fl.reported_kib()
     t0 = time.perf_counter()
     handle = guard.save(state)
     stall = time.perf_counter() - t0
+    fl.REPORTING.add("save stall", stall, before, fl.reported_kib())
     handle.wait()
     durable = time.perf_counter() - t0
     handle.result()
@@ -230,45 +233,44 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     out.update(prepare_s=statistics.median(prepares), first_prepared_stall=statistics.median(firsts),
                prepared_steady_stall=statistics.median(seconds))
 
-    # cold restore of everything into the live model + optimizer, through a guard whose staging memory
-    # is ready (Guard.restore, %nbguard restore, and %%checkpointed once its prepare finished): read
-    # into the staging buffers, then the buffers and the live storages exchange memory
-    files = snapshot_files(folder)
-
-    def restore_floor() -> None:
-        out["restore_floor"], out["restore_floor_read_bytes"] = paired.read_cold(files)
-
-    restorer = nbguard.Guard(folder, run="bench", keep=NO_DELETION, report=notes.append)
-    restorer.prepare(state, wait=True)
-    if floors_first:
-        restore_floor()
-    evict_tree(folder)
-    with IoDelta() as io, PeakRss() as mem:
-        t0 = time.perf_counter()
-        restorer.restore(state)
-        touch(model, opt)
-        out["restore"] = time.perf_counter() - t0
-    out.update(restore_read_bytes=io.read_bytes, restore_peak_rss_increase=mem.increase)
-    if not floors_first:
-        restore_floor()
-    # the first save after it: its staging buffers now hold the memory the live tensors gave up. It
-    # is compared with the same guard's next save, seconds later, as the first save of a guarded run
-    # is: every stall of both is the copy (profiled), whose speed swings 0.16-0.35 s over a minute.
-    # More restores (untimed) through new guards give the round RESTORES_PER_ROUND such pairs.
-    pairs = [_first_and_next(restorer, model, opt, state)]
-    restorer.close()
-    del restorer
-    gc.collect()
-    for _ in range(RESTORES_PER_ROUND - 1):
+    # cold restores of everything into the live model + optimizer, through a guard whose staging
+    # memory is ready (Guard.restore, %nbguard restore, and %%checkpointed once its prepare finished):
+    # read into the staging buffers, then the buffers and the live storages exchange memory. Each is
+    # timed with a cold read of the same files right next to it (before or after, alternating), and
+    # the round reports the medians: one restore a round let a single slow read decide (a cold read
+    # here took 0.2-1.0 s for the same 0.75 GiB within minutes). Each restore's first save is compared
+    # with the same guard's next save, seconds later, as the first save of a guarded run is.
+    restores, floors, peaks, pairs = [], [], [], []
+    for i in range(RESTORES_PER_ROUND):
         restorer = nbguard.Guard(folder, run="bench", keep=NO_DELETION, report=notes.append)
         restorer.prepare(state, wait=True)
+        files = snapshot_files(folder)
+        floor_before = floors_first == (i % 2 == 0)
+        if floor_before:
+            floor, floor_read = paired.read_cold(files)
         evict_tree(folder)
-        restorer.restore(state)
+        with IoDelta() as io, PeakRss() as mem:
+            before = fl.reported_kib()
+            t0 = time.perf_counter()
+            restorer.restore(state)
+            touch(model, opt)
+            restores.append(time.perf_counter() - t0)
+            fl.REPORTING.add("restore", restores[-1], before, fl.reported_kib())
+        if not floor_before:
+            floor, floor_read = paired.read_cold(files)
+        floors.append(floor)
+        if i == 0:
+            out.update(restore_read_bytes=io.read_bytes, restore_floor_read_bytes=floor_read)
+        peaks.append(mem.increase)
         pairs.append(_first_and_next(restorer, model, opt, state))
         restorer.close()
         del restorer
         gc.collect()
         _keep_newest(folder)
+    known_peaks = [p for p in peaks if p is not None]
+    out.update(restore=statistics.median(restores), restore_floor=statistics.median(floors),
+               restore_samples=restores, restore_floor_samples=floors,
+               restore_peak_rss_increase=max(known_peaks) if known_peaks else None)
     out.update(_medians_of(pairs, "after_restore_stall", "after_restore_next_stall"))
 
     # the same without a guard (a script's nbguard.load(...).restore): hashed, then copied in
@@ -350,6 +352,8 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[k] = any(vals)
         elif all(isinstance(v, (int, float)) and v is not None for v in vals):
             out[k] = summary(vals)
+        elif all(isinstance(v, list) for v in vals):
+            out[k] = vals  # each round's samples behind its median, as measured
     return out
 
 
@@ -867,6 +871,19 @@ def render_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> st
     return "\n".join(lines)
 
 
+def reporting_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per timed operation: how many samples a free-page-reporting pass overlapped, and the
+    medians with and without one (``floors.ReportingLog``); nothing where the kernel does not count."""
+    if not summary:
+        return []
+    lines = ["", "timed operations overlapped by a free-page-reporting pass (diagnostic, every sample kept):"]
+    for label, s in summary.items():
+        clean = _fmt_s(s["median_clean"]) if s["median_clean"] is not None else "—"
+        hit = _fmt_s(s["median_overlapped"]) if s["median_overlapped"] is not None else "—"
+        lines.append(f"- {label}: {s['overlapped']} of {s['n']} (median {hit} overlapped, {clean} not)")
+    return lines
+
+
 def render_markdown(r: dict[str, Any], rows, targets) -> str:
     m = r["machine"]
     out = [f"# nbguard benchmark — {_fmt_b(r['state_bytes'])} of state", "",
@@ -886,6 +903,7 @@ def render_markdown(r: dict[str, Any], rows, targets) -> str:
         out.append(f"| {t['target']} | {v} | {t['limit']} | {t['status']} |")
     out += ["", "## Figures", "", "| figure | time / size | rate | note |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    out += reporting_lines(r.get("page_reporting") or {})
     if r.get("errors"):
         out += ["", "## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in r["errors"].items()]
     if r.get("notes"):
@@ -1008,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    r["page_reporting"] = fl.REPORTING.summary()
     r["elapsed_s"] = time.perf_counter() - started
     r["loadavg_end"] = os.getloadavg()
     r["cpu_s"] = sum(os.times()[:2])
@@ -1019,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_table([(t["target"], "—" if t["value"] is None else f"{t['value']:.2f}", str(t["limit"]), t["status"])
                         for t in targets], ("target", "ratio", "limit", "result")))
+    for line in reporting_lines(r.get("page_reporting") or {}):
+        print(line)
     md = render_markdown(r, rows, targets)
     tag = f"size-{args.size_gib:g}gib"
     for name in ("latest", tag):
