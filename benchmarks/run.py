@@ -240,7 +240,10 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     # the round reports the medians: one restore a round let a single slow read decide (a cold read
     # here took 0.2-1.0 s for the same 0.75 GiB within minutes). Each restore's first save is compared
     # with the same guard's next save, seconds later, as the first save of a guarded run is.
-    restores, floors, peaks, pairs = [], [], [], []
+    restores: list[float] = []
+    floors: list[float] = []
+    restore_peaks: list[int | None] = []
+    pairs: list[tuple[float, float]] = []
     for i in range(RESTORES_PER_ROUND):
         restorer = nbguard.Guard(folder, run="bench", keep=NO_DELETION, report=notes.append)
         restorer.prepare(state, wait=True)
@@ -262,13 +265,13 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         floors.append(floor)
         if i == 0:
             out.update(restore_read_bytes=io.read_bytes, restore_floor_read_bytes=floor_read)
-        peaks.append(mem.increase)
+        restore_peaks.append(mem.increase)
         pairs.append(_first_and_next(restorer, model, opt, state))
         restorer.close()
         del restorer
         gc.collect()
         _keep_newest(folder)
-    known_peaks = [p for p in peaks if p is not None]
+    known_peaks = [p for p in restore_peaks if p is not None]
     out.update(restore=statistics.median(restores), restore_floor=statistics.median(floors),
                restore_samples=restores, restore_floor_samples=floors,
                restore_peak_rss_increase=max(known_peaks) if known_peaks else None)
