@@ -126,28 +126,6 @@ class ReportingLog:
 
 
 REPORTING = ReportingLog()
-# A pass starts at most ~2 s after the free that called for it: 2.5 s without one means none is due.
-REPORTING_QUIET_S = 2.5
-REPORTING_WAIT_LIMIT_S = 10.0
-
-
-def await_reporting_quiet() -> float:
-    """Wait until no free-page-reporting pass is due (``reported_kib`` unchanged for
-    ``REPORTING_QUIET_S``, at most ``REPORTING_WAIT_LIMIT_S``); the seconds waited, 0 where the kernel
-    does not count. Called before the restores and the loads they are compared with: the rounds'
-    own settles free 2 GiB each, and the pass that follows ~2 s later took a CPU from a restore that
-    hashes on a second thread (0.45-0.54 s against 0.23 s)."""
-    last = reported_kib()
-    if last is None:
-        return 0.0
-    started = quiet_since = time.perf_counter()
-    while True:
-        time.sleep(0.05)
-        now, value = time.perf_counter(), reported_kib()
-        if value != last:
-            last, quiet_since = value, now
-        if now - quiet_since >= REPORTING_QUIET_S or now - started >= REPORTING_WAIT_LIMIT_S:
-            return now - started
 
 
 def _gibs(nbytes: int, seconds: float | None) -> str:

@@ -27,18 +27,7 @@ from typing import Any
 
 import torch
 
-from .floors import (
-    IoDelta,
-    PeakRss,
-    advance,
-    await_reporting_quiet,
-    evict_tree,
-    fsync_tree,
-    rehome,
-    settle,
-    touch,
-    tree_size,
-)
+from .floors import IoDelta, PeakRss, advance, evict_tree, fsync_tree, rehome, settle, touch, tree_size
 
 
 def _clean(path: str) -> None:
@@ -60,8 +49,6 @@ def torch_save_once(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: 
         total = time.perf_counter() - t0
     out = {"stall": total, "durable": total, "written": os.path.getsize(path), "peak_rss_increase": mem.increase}
     for mmap in (False, True):
-        if not mmap:
-            await_reporting_quiet()  # as before nbguard's restores it is compared with
         evict_tree(folder)
         with IoDelta() as io, PeakRss() as mem:
             t0 = time.perf_counter()

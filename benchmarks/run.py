@@ -248,7 +248,6 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         restorer = nbguard.Guard(folder, run="bench", keep=NO_DELETION, report=notes.append)
         restorer.prepare(state, wait=True)
         files = snapshot_files(folder)
-        fl.await_reporting_quiet()
         floor_before = floors_first == (i % 2 == 0)
         if floor_before:
             floor, floor_read = paired.read_cold(files)
