@@ -88,9 +88,9 @@ PRIME_DIR = "."
 
 # This VM's kernel hands freed memory back to the host in passes ("free page reporting"; its
 # page_reporting module counts what it handed back in reported_kib). A pass starts ~2 s after a large
-# free (a settle's deleted file, a closed guard's staging) and runs ~0.3 s, and an operation timed
-# during it runs slower (a 0.75 GiB save stalled 55-85 ms instead of ~38, the copy and the Python
-# around it alike). ``REPORTING`` notes, for each timed operation, whether a pass overlapped it.
+# free (a settle's deleted file, a closed guard's staging) and runs ~0.3 s; a restore timed during one
+# ran slower (0.75 GiB: medians 452-537 ms against 227-234 ms; saves were rarely met, 1-2 of 92).
+# ``REPORTING`` notes, for each timed operation, whether a pass overlapped it.
 REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
 
 
