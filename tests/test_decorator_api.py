@@ -10,7 +10,7 @@ import torch
 import nbguard
 from nbguard.engine.catalog import Catalog
 from nbguard.stores.local import LocalStore
-from nbguard.training.resume_choice import choose
+from nbguard.training.resume_choice import CodeVersion, choose
 from nbguard.training.spelling import DECORATOR, MAGIC
 
 MODULE = textwrap.dedent("""
@@ -73,7 +73,7 @@ def test_a_snapshot_whose_loops_nest_differently_is_refused_in_the_entry_points_
     saved = nbguard.Guard(store, run="r", report=None).save(
         {"model": torch.nn.Linear(2, 2)}, extra={"fingerprint": "f", "structure": "s"}, wait=True).result()
     with pytest.raises(nbguard.UsageError) as raised:
-        choose(Catalog(store), "r", fingerprint="g", structure="other", spelling=spelling)
+        choose(Catalog(store), "r", code=CodeVersion("g", "other"), spelling=spelling)
     message = str(raised.value)
     assert "loops nest differently" in message and saved.id in message, message
     assert all(words in message for words in said) and not any(words in message for words in not_said), message

@@ -169,7 +169,7 @@ def test_crash_inside_the_functions_batch_loop_resumes_there_exactly(shell, shap
     result = run(shell, "%%checkpointed --every 1h\n" + cell)
     assert result.success
     out = capsys.readouterr().out
-    assert "resumed from snapshot" in out, out
+    assert "resumed from snapshot" in out and "changed since" not in out, out  # the same code, defined again
     assert_same(result_of(shell.user_ns, names), expected)
     if shape == "transfer":  # `since = time.time()` came back from the snapshot, not from the re-run
         assert shell.user_ns["started"] == saved.values["train_model:since"]
@@ -283,3 +283,74 @@ def test_a_method_of_a_notebook_class_resumes_with_its_attributes(shell, capsys)
     assert "resumed from snapshot" in capsys.readouterr().out
     assert shell.user_ns["hist"] == expected[0] and shell.user_ns["trainer"].best == expected[1]
     assert all(torch.equal(a, b) for a, b in zip(shell.user_ns["model"].state_dict().values(), expected[2], strict=True))
+
+
+# -- the functions' code is part of what a snapshot was taken by ---------------------------------------
+
+
+def crashed_chain_run(shell) -> None:
+    """CHAIN_CELL crashed in epoch 2, after a snapshot inside train_one_epoch()'s batch loop; then a
+    fresh kernel with the data defined again (the functions not yet)."""
+    run(shell, DATA)
+    run(shell, CHAIN_DEFS)
+    shell.user_ns["save_at"], shell.user_ns["crash_at"] = (2, 3), (2, 5)
+    assert not run(shell, "%%checkpointed --every 1h\n" + CHAIN_CELL).success
+    shell.user_ns.clear()
+    run(shell, DATA)
+
+
+def test_a_run_resumed_after_its_function_was_edited_says_which(shell, capsys):
+    crashed_chain_run(shell)
+    run(shell, CHAIN_DEFS.replace("total = 0.0", "total = 0.0\n    model.zero_grad()"))  # loops nest the same
+    capsys.readouterr()
+    assert run(shell, "%%checkpointed --every 1h\n" + CHAIN_CELL).success
+    out = capsys.readouterr().out
+    assert "resumed from snapshot" in out and "train_one_epoch() changed since this snapshot" in out, out
+    assert "fit() changed" not in out, out
+
+
+def test_a_function_whose_loops_now_nest_differently_is_refused(shell):
+    from IPython.core.error import UsageError
+
+    crashed_chain_run(shell)
+    renested = CHAIN_DEFS.replace("    for i, (x, y) in enumerate(loader):",
+                                  "    for _ in range(1):\n     for i, (x, y) in enumerate(loader):")
+    assert renested != CHAIN_DEFS
+    run(shell, renested)
+    result = run(shell, "%%checkpointed --every 1h\n" + CHAIN_CELL)
+    assert not result.success and isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    text = str(result.error_in_exec)
+    assert "earlier version of train_one_epoch() whose loops nest differently" in text, text
+    assert "--resume-from" in text and "--fresh" in text, text
+    assert shell.user_ns["history"] == []  # nothing ran, nothing was restored
+
+
+def test_a_finished_run_whose_function_was_edited_goes_on_from_its_final_state_like_an_edited_cell(shell, capsys):
+    run(shell, DATA)
+    run(shell, TRANSFER_DEFS)
+    assert run(shell, "%%checkpointed\n" + TRANSFER_CELL).success
+    shell.user_ns.clear()
+    run(shell, DATA)
+    run(shell, "seen = []\ndef checkpoint_hook(where):\n    seen.append(where)\n")
+    run(shell, TRANSFER_DEFS.replace("for epoch in range(num_epochs):", "for epoch in range(num_epochs + 1):"))
+    capsys.readouterr()
+    assert run(shell, "%%checkpointed\n" + TRANSFER_CELL).success
+    out = capsys.readouterr().out
+    # both were edited here: the function, and the hook it calls (redefined to count the batches run)
+    assert "train_model() and checkpoint_hook() changed since this snapshot (their loops are the same)" in out, out
+    assert "already finished" not in out, out
+    seen = shell.user_ns["seen"]
+    assert seen and {where[0] for where in seen} == {4}, seen  # the added epoch ran, the first four did not again
+
+
+def test_what_a_snapshot_says_of_functions_is_compared_only_where_both_know_it():
+    from nbguard.training.resume_choice import CodeVersion
+
+    code = CodeVersion("cell", "nest", {"fit": ("f1", "s1"), "helper": ("h1", "")})
+    assert code.edited_since({"fingerprint": "cell", "structure": "nest"}) == []  # taken before functions were recorded
+    assert code.edited_since({"fingerprint": "cell", "functions": {"other": ["o", ""]}}) == []  # none in common
+    saved = {"fingerprint": "old", "structure": "nest", "functions": {"fit": ["f0", "s1"], "helper": ["h1", ""]}}
+    assert code.edited_since(saved) == ["the cell", "fit()"]
+    assert code.renested_since(saved) == []
+    assert code.renested_since({**saved, "functions": {"fit": ["f0", "s0"]}}) == ["fit()"]
+    assert code.record()["functions"] == {"fit": ["f1", "s1"], "helper": ["h1", ""]}

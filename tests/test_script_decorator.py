@@ -132,3 +132,18 @@ def test_a_finished_run_is_not_trained_again_and_returns_its_result(tmp_path, ex
     assert "epoch 0" not in again.stdout  # not trained again
     assert "already finished" in again.stdout + again.stderr
     assert digest(again.stdout) == expected  # the model, optimizer and the returned values came back
+
+
+def test_a_finished_run_whose_training_function_was_edited_goes_on_from_its_final_state(tmp_path):
+    script = write(tmp_path, True)
+    first = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env(tmp_path),
+                           cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    script.write_text(script.read_text().replace("for epoch in range(epochs):", "for epoch in range(epochs + 1):"))
+    again = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env(tmp_path),
+                           cwd=tmp_path, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert "train() changed since this snapshot" in out and "already finished" not in out, out
+    assert "epoch 6" in again.stdout and "epoch 0" not in again.stdout, out  # only the added epoch trained
+    assert digest(again.stdout) != digest(first.stdout)

@@ -404,7 +404,7 @@ def test_snapshots_say_which_writer_and_lineage_they_come_from(tmp_path):
 def test_a_resume_says_so_when_two_kernels_saved_one_run_at_the_same_time(tmp_path):
     """The issue's probe: two kernels of one notebook in one folder, both killed, then resumed. The
     resume takes the newest snapshot and says whose it is, and how to take the other one."""
-    from nbguard.training.resume_choice import choose
+    from nbguard.training.resume_choice import CodeVersion, choose
 
     root = tmp_path / "store"
     a = Guard(LocalStore(root), run=RUN, report=None)
@@ -415,7 +415,7 @@ def test_a_resume_says_so_when_two_kernels_saved_one_run_at_the_same_time(tmp_pa
     b.save({"model": model}, extra=extra, wait=True)
     a2 = a.save({"model": model}, extra=extra, wait=True).result()
     b2 = b.save({"model": model}, extra=extra, wait=True).result()
-    choice = choose(Catalog(LocalStore(root)), RUN, fingerprint="f", structure="s")
+    choice = choose(Catalog(LocalStore(root)), RUN, code=CodeVersion("f", "s"))
     assert choice.snapshot.id == b2.id
     (note,) = [n for n in choice.notes if "two writers" in n]
     assert b.writer_id in note and a2.id in note and f"--resume-from {a2.id}" in note
@@ -427,7 +427,7 @@ def test_a_resume_says_so_when_two_kernels_saved_one_run_at_the_same_time(tmp_pa
     second = Guard(LocalStore(solo), run=RUN, report=None)
     second.restore({"model": nn.Linear(2, 2)}, s1.id)
     second.save({"model": model}, extra=extra, wait=True)
-    assert not [n for n in choose(Catalog(LocalStore(solo)), RUN, fingerprint="f", structure="s").notes
+    assert not [n for n in choose(Catalog(LocalStore(solo)), RUN, code=CodeVersion("f", "s")).notes
                 if "two writers" in n]
 
 

@@ -28,8 +28,9 @@ from .loop_names import loop_labels, loop_targets
 from .loop_progress import exhausted_top_loop, loop_total, state_mark, top_progress
 from .loops import LoopPosition, LoopRuntime, instrument_cell
 from .loops.reach import reach
+from .loops.rewrite import loop_structure
 from .options import CellOptions
-from .resume_choice import choose, extra_of, loop_structure
+from .resume_choice import CodeVersion, choose, extra_of
 from .resuming import LoopBirths, restore_snapshot, resume_plan, say_restored
 from .session import Session
 from .triggers import SafePointTriggers, exit_after_save
@@ -59,9 +60,9 @@ class CheckpointedCell:
         self.entries = [entry] if entry is not None else []
         self.reach = reach(self.cell.tree, namespace, first_id=len(self.cell.loops), entries=self.entries)
         self.local_skip = frozenset().union(*(f.targets for f in self.reach.functions))
-        self.structure = loop_structure(self.cell.loops)
+        self.code = CodeVersion(self.cell.fingerprint, loop_structure(self.cell.loops), self.reach.versions)
         self.origin: str | None = None  # the snapshot a --resume-from started this lineage at
-        self.cell_changed = False
+        self.edited: list[str] = []  # the code that differs from the snapshot resumed ('the cell', 'train()')
         self.budget: Budget | None = session.budget_for(options)
         self._final_progress: list[tuple[str, int, int | None]] = []
         self._final_loops: list[list[Any]] | None = None  # where an edited cell with more iterations continues
@@ -152,7 +153,7 @@ class CheckpointedCell:
             state, result = self._with_result(state)
         else:
             result = None
-        extra = {"fingerprint": self.cell.fingerprint, "structure": self.structure, "loops": loops,
+        extra = {**self.code.record(), "loops": loops,
                  "completed": completed, "origin": self.origin, "result": result,
                  # other names of saved objects ('model' for 'model_ft'): a re-run may know only those yet
                  "aliases": dict(self.discovery.aliases) if self.discovery is not None else {}}
@@ -232,11 +233,10 @@ class CheckpointedCell:
     # -- resume --------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Snapshot | None, list[str]]:
         start_point = self.session.start_points.pop((self.location, self.run_name), None)
-        choice = choose(self.guard.catalog, self.run_name, fingerprint=self.cell.fingerprint,
-                        structure=self.structure, fresh=self.options.fresh, resume_from=self.options.resume_from,
-                        start_point=start_point, spelling=self.options.spelling)
+        choice = choose(self.guard.catalog, self.run_name, code=self.code, fresh=self.options.fresh,
+                        resume_from=self.options.resume_from, start_point=start_point, spelling=self.options.spelling)
         self.origin = choice.origin
-        self.cell_changed = choice.changed
+        self.edited = choice.edited
         self.continues_finished = choice.continues_finished
         return choice.snapshot, choice.notes
 
@@ -248,7 +248,7 @@ class CheckpointedCell:
         # The restored snapshot is the base of the next one: unchanged tensors are not written again.
         say_restored(snapshot.info, report,
                      finished=bool(extra_of(snapshot).get("completed")) and not self.continues_finished,
-                     cell_changed=self.cell_changed,
+                     edited=self.edited,
                      workers_resumed=runtime is not None and getattr(runtime, "resumed_with_workers", False),
                      spelling=self.options.spelling)
 

@@ -1,16 +1,17 @@
-"""Which snapshot a guarded cell continues from, and why: the same cell, an edited cell whose loops
+"""Which snapshot a guarded cell continues from, and why: the same code, edited code whose loops
 still mean the same, a snapshot named once with ``--resume-from``, or none.
 
 A snapshot's loop positions are pairs (loop number, iterations done), numbered in the order the
-cell's loops appear. They keep their meaning when the cell is edited without changing how its
-loops nest: a new bound (``range(5)`` → ``range(8)``), another learning rate, a print or a line
-added. ``loop_structure`` is the digest of exactly that nesting, stored with every snapshot.
+cell's loops appear, then those of the notebook's functions it calls. They keep their meaning when
+the code is edited without changing how its loops nest: a new bound (``range(5)`` → ``range(8)``),
+another learning rate, a print or a line added. ``CodeVersion`` is what every snapshot stores of
+that code: a fingerprint of what the cell and each function it reaches do, and a digest of exactly
+how their loops nest (``loop_structure``).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +20,46 @@ from ..engine.snapshot import Snapshot
 from ..errors import SnapshotError, UsageError
 from ..format.manifest import SnapshotInfo
 from ..humanize import ago, clock
-from .loops.rewrite import LoopInfo
 from .spelling import MAGIC, Spelling
 
 
-def loop_structure(loops: Sequence[LoopInfo]) -> str:
-    """A digest of how the cell's loops nest (kind and parent of each, in order); bounds,
-    iterables, bodies and every other line do not count."""
-    shape = ";".join(f"{loop.kind}<{'' if loop.parent is None else loop.parent}" for loop in loops)
-    return hashlib.sha256(shape.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class CodeVersion:
+    """The code of a guarded run as each snapshot records it: the cell's fingerprint and loop
+    structure, and for each of the notebook's (or script's) functions it reaches, by qualified name,
+    the same two (a function without loops has structure "")."""
+
+    fingerprint: str
+    structure: str
+    functions: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The entries stored in a snapshot's ``extra``."""
+        return {"fingerprint": self.fingerprint, "structure": self.structure,
+                "functions": {name: list(pair) for name, pair in self.functions.items()}}
+
+    def edited_since(self, extra: Mapping[str, Any], cell: str = "the cell") -> list[str]:
+        """What differs from the code that took a snapshot (``extra``): ``cell`` and the functions,
+        as 'train()'. A function is compared where both know it: a snapshot taken before functions
+        were recorded, or a function only one side reaches, says nothing about it."""
+        edited = [cell] if extra.get("fingerprint") != self.fingerprint else []
+        return edited + [f"{name}()" for name in self._differing(extra, 0)]
+
+    def renested_since(self, extra: Mapping[str, Any], cell: str = "the cell") -> list[str]:
+        """Which of the code's loops nest differently from the snapshot's (``edited_since``'s terms)."""
+        renested = [cell] if extra.get("structure") != self.structure else []
+        return renested + [f"{name}()" for name in self._differing(extra, 1)]
+
+    def _differing(self, extra: Mapping[str, Any], part: int) -> list[str]:
+        saved = extra.get("functions")
+        if not isinstance(saved, Mapping):
+            return []
+        return [name for name, pair in self.functions.items()
+                if isinstance(saved.get(name), list) and len(saved[name]) == 2 and saved[name][part] != pair[part]]
+
+
+def _joined(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 @dataclass
@@ -37,24 +69,30 @@ class ResumeChoice:
 
     snapshot: Snapshot | None = None
     notes: list[str] = field(default_factory=list)
-    changed: bool = False  # the cell's code differs from the one that took the snapshot
+    edited: list[str] = field(default_factory=list)  # the code that differs from the snapshot's ('train()')
     origin: str | None = None
     continues_finished: bool = False  # an edited cell goes on from a finished run's last loop
 
+    @property
+    def changed(self) -> bool:
+        """Whether the code differs from the one that took the snapshot."""
+        return bool(self.edited)
 
-def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fresh: bool = False,
-           resume_from: str | None = None, start_point: str | None = None,
-           spelling: Spelling = MAGIC) -> ResumeChoice:
+
+def choose(catalog: Catalog, run: str, *, code: CodeVersion, fresh: bool = False, resume_from: str | None = None,
+           start_point: str | None = None, spelling: Spelling = MAGIC) -> ResumeChoice:
     """Decide where a guarded cell continues. Raises ``UsageError`` when the newest snapshot was
-    taken by a version of the cell whose loops nest differently (never retrains silently). The
-    advice in notes and errors names the options as ``spelling`` writes them."""
+    taken by a version of the cell, or of a function it calls, whose loops nest differently, or
+    when a finished run's code was edited and where its loops ended is not known (never retrains
+    silently, never restores stale results silently). The advice in notes and errors names the
+    options as ``spelling`` writes them."""
     if fresh:
         return ResumeChoice()
     if start_point:  # restored by hand (panel, %nbguard restore): continue from exactly that one
         snapshot = catalog.get(start_point, run)
-        return ResumeChoice(snapshot, changed=extra_of(snapshot).get("fingerprint") != fingerprint)
+        return ResumeChoice(snapshot, edited=code.edited_since(extra_of(snapshot), spelling.cell))
     if resume_from:
-        return _resume_from(catalog, run, resume_from, fingerprint, spelling)
+        return _resume_from(catalog, run, resume_from, code, spelling)
     try:
         snapshot, skipped = catalog.latest_good(run)
     except SnapshotError:
@@ -68,17 +106,20 @@ def choose(catalog: Catalog, run: str, *, fingerprint: str, structure: str, fres
             f"newest snapshot, {describe(snapshot)}, written by {snapshot.info.writer or 'an unknown writer'}. "
             f"The other one's newest is {other.id} ({other.writer or 'unknown writer'}): to continue that one, "
             f"{spelling.resume_from(other.id)} ; give each its own run with {spelling.name_option}")
-    if extra.get("fingerprint") == fingerprint:
+    edited = code.edited_since(extra, spelling.cell)
+    if not edited:
         return choice
-    if extra.get("structure") != structure:
-        raise UsageError(f"snapshot {describe(snapshot)} was taken by an earlier version of this cell whose loops "
-                         "nest differently, so its position cannot be mapped onto this cell. To continue from it "
-                         f"anyway: {spelling.resume_from(snapshot.id)} ; to start over: {spelling.fresh}")
+    renested = code.renested_since(extra, spelling.cell)
+    if renested:
+        raise UsageError(f"snapshot {describe(snapshot)} was taken by an earlier version of {_joined(renested)} whose "
+                         "loops nest differently, so its position cannot be mapped onto the code now. To continue "
+                         f"from it anyway: {spelling.resume_from(snapshot.id)} ; to start over: {spelling.fresh}")
     if extra.get("completed") and not extra.get("final_loops"):
-        raise UsageError(f"this run finished (snapshot {describe(snapshot)}) with an earlier version of this cell, "
-                         "and where its loops ended is not known. To train the edited cell from the start: "
-                         f"{spelling.fresh} ; to take that final state as it is: {spelling.resume_from(snapshot.id)}")
-    choice.changed = True
+        raise UsageError(f"this run finished (snapshot {describe(snapshot)}) with an earlier version of "
+                         f"{_joined(edited)}, and where its loops ended is not known. To train the edited code from "
+                         f"the start: {spelling.fresh} ; to take that final state as it is: "
+                         f"{spelling.resume_from(snapshot.id)}")
+    choice.edited = edited
     choice.continues_finished = bool(extra.get("completed"))
     return choice
 
@@ -99,7 +140,7 @@ def interleaved_writer(snapshots: list[SnapshotInfo], newest: SnapshotInfo) -> S
     return None
 
 
-def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str, spelling: Spelling) -> ResumeChoice:
+def _resume_from(catalog: Catalog, run: str, ref: str, code: CodeVersion, spelling: Spelling) -> ResumeChoice:
     """``--resume-from ID`` applies once: once this run has saved after resuming from ID, later
     runs of the cell continue from the run's own newest snapshot."""
     try:
@@ -112,10 +153,10 @@ def _resume_from(catalog: Catalog, run: str, ref: str, fingerprint: str, spellin
         option = spelling.resume_from_option
         note = (f"{option} {ref} was applied in an earlier run; continuing from this run's newest snapshot "
                 f"{describe(newest)} (remove {option} from {spelling.where} to stop seeing this)")
-        return ResumeChoice(newest, [*skipped, note], changed=extra_of(newest).get("fingerprint") != fingerprint,
+        return ResumeChoice(newest, [*skipped, note], edited=code.edited_since(extra_of(newest), spelling.cell),
                             origin=origin)
     target = catalog.get(ref)
-    return ResumeChoice(target, changed=extra_of(target).get("fingerprint") != fingerprint, origin=target.id)
+    return ResumeChoice(target, edited=code.edited_since(extra_of(target), spelling.cell), origin=target.id)
 
 
 def describe(snapshot: Snapshot) -> str:

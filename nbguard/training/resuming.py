@@ -9,7 +9,7 @@ a resumed loop gets the same shuffled order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ def restore_snapshot(snapshot: Snapshot, objects: Mapping[str, Any], namespace: 
     return report
 
 
-def say_restored(info: SnapshotInfo, report: RestoreReport, *, finished: bool, cell_changed: bool,
+def say_restored(info: SnapshotInfo, report: RestoreReport, *, finished: bool, edited: Sequence[str],
                  workers_resumed: bool, spelling: Spelling = MAGIC) -> None:
     """Print what a resume restored: from which snapshot, what, and what it could not."""
     when = f"saved {ago(info.created)} at {clock(info.created)}"
@@ -74,7 +74,8 @@ def say_restored(info: SnapshotInfo, report: RestoreReport, *, finished: bool, c
         print(f"nbguard: this run already finished (snapshot {info.id}, {when}); restored its final state "
               f"({what}) and skipped the loops. To train again from scratch: {spelling.fresh}", flush=True)
     else:
-        changed = "; the cell changed since this snapshot (its loops are the same)" if cell_changed else ""
+        their = "its" if len(edited) == 1 else "their"
+        changed = f"; {' and '.join(edited)} changed since this snapshot ({their} loops are the same)" if edited else ""
         print(f"nbguard: resumed from snapshot {info.id} ({when}{where}){changed}; restored {what} and the "
               f"random number generators ({', '.join(report.rng)})", flush=True)
     if report.missing:

@@ -19,6 +19,7 @@ class Spelling:
     resume_from_option: str  # the option alone, for "remove ... from the cell"
     name_option: str
     where: str  # what holds the options: "the cell", "the decorator"
+    cell: str  # the code that calls the training (edited or not): "the cell", "the call"
 
     def resume_from(self, snapshot_id: str) -> str:
         """The advice to continue from ``snapshot_id`` (``%%checkpointed --resume-from ID``)."""
@@ -26,7 +27,8 @@ class Spelling:
 
 
 MAGIC = Spelling(fresh="%%checkpointed --fresh", resume_from_form="%%checkpointed --resume-from {id}",
-                 resume_from_option="--resume-from", name_option="--name", where="the cell")
+                 resume_from_option="--resume-from", name_option="--name", where="the cell", cell="the cell")
 DECORATOR = Spelling(fresh="@nbguard.checkpointed(..., fresh=True)",
                      resume_from_form="@nbguard.checkpointed(..., resume_from='{id}')",
-                     resume_from_option="resume_from", name_option="name=", where="the decorator")
+                     resume_from_option="resume_from", name_option="name=", where="the decorator",
+                     cell="the call")

@@ -14,7 +14,13 @@ import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from .rewrite import InstrumentedFunction, NotInstrumentable, instrument_function
+from .rewrite import (
+    InstrumentedFunction,
+    NotInstrumentable,
+    function_fingerprint,
+    instrument_function,
+    loop_structure,
+)
 
 MAX_FUNCTIONS = 64  # more than any training notebook calls; bounds the work on odd namespaces
 
@@ -26,6 +32,9 @@ class Reach:
     functions: list[InstrumentedFunction] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # function name -> why its loops stay plain
     foreign: list[str] = field(default_factory=list)  # top-level calls of the cell into other modules' code
+    # qualified name -> (fingerprint, loop structure) of each reached function whose source is known,
+    # loops or not: what a snapshot records of them, to tell an edited function from the same one
+    versions: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def reach(tree: ast.Module, namespace: Mapping[str, object], first_id: int, entries: Iterable[object] = ()) -> Reach:
@@ -47,8 +56,12 @@ def reach(tree: ast.Module, namespace: Mapping[str, object], first_id: int, entr
             except NotInstrumentable as exc:
                 if "no loops" not in str(exc):
                     out.refused[function.__qualname__] = str(exc)
+                digest = function_fingerprint(function)
+                if digest is not None:
+                    out.versions.setdefault(function.__qualname__, (digest, ""))
                 continue
             out.functions.append(unit)
+            out.versions.setdefault(unit.name, (unit.fingerprint, loop_structure(unit.loops)))
             first_id += len(unit.loops)
     out.foreign = _foreign_calls(tree, namespace)
     return out

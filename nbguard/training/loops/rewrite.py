@@ -32,6 +32,7 @@ import dis
 import hashlib
 import inspect
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FunctionType
 from typing import Literal, NamedTuple
@@ -121,7 +122,7 @@ class NotInstrumentable(Exception):
 
 def fingerprint(source: str) -> str:
     """A stable hash of what the cell does: comments, blank lines and formatting do not count."""
-    return hashlib.sha256(ast.dump(ast.parse(source)).encode()).hexdigest()[:32]
+    return _digest(ast.parse(source))
 
 
 def instrument_cell(source: str, filename: str = "<cell>", flags: int = 0) -> InstrumentedCell:
@@ -131,7 +132,7 @@ def instrument_cell(source: str, filename: str = "<cell>", flags: int = 0) -> In
     inherits the ``__future__`` imports of this module.
     """
     tree = ast.parse(source, filename)
-    digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:32]
+    digest = _digest(tree)
     rewriter = _Rewriter()
     tree.body = rewriter.block(tree.body, 0, None)
     ast.fix_missing_locations(tree)
@@ -146,19 +147,9 @@ def instrument_function(function: FunctionType, first_id: int) -> InstrumentedFu
     original = function.__code__
     if original.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
         raise NotInstrumentable("it is a generator or coroutine")
-    try:
-        source = textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError) as exc:
-        raise NotInstrumentable(f"its source is not available ({exc})") from None
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise NotInstrumentable(f"its source does not parse alone ({exc.msg})") from None
-    node = tree.body[0] if tree.body else None
-    if not isinstance(node, ast.FunctionDef) or node.name != original.co_name:
-        raise NotInstrumentable("its source is not a plain def (a lambda or a generated function)")
+    tree, node = _parsed_def(function)
     ast.increment_lineno(tree, original.co_firstlineno - node.lineno)
-    digest = hashlib.sha256(ast.dump(node).encode()).hexdigest()[:32]
+    digest = _digest(node)
     targets = frozenset(n.id for loop in ast.walk(node) if isinstance(loop, ast.For)
                         for n in ast.walk(loop.target) if isinstance(n, ast.Name))
     node.decorator_list = []  # only the code object is taken; the function object stays the user's
@@ -174,6 +165,43 @@ def instrument_function(function: FunctionType, first_id: int) -> InstrumentedFu
         raise NotInstrumentable("its closure does not compile back to the same variables")
     return InstrumentedFunction(function, function.__qualname__, original, code, rewriter.loops, digest,
                                 rewriter.meta, _iteration_ends(code, rewriter.locations), targets)
+
+
+def loop_structure(loops: Sequence[LoopInfo]) -> str:
+    """A digest of how loops nest (kind and parent of each, in order, numbered from the first):
+    bounds, iterables, bodies and every other line do not count. The loops of one cell or function."""
+    first = loops[0].id if loops else 0
+    shape = ";".join(f"{loop.kind}<{'' if loop.parent is None else loop.parent - first}" for loop in loops)
+    return hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+def function_fingerprint(function: FunctionType) -> str | None:
+    """A stable hash of what ``function`` does, as ``fingerprint`` for a cell (the same digest its
+    ``InstrumentedFunction`` carries); None when its source cannot be read as a plain def."""
+    try:
+        return _digest(_parsed_def(function)[1])
+    except NotInstrumentable:
+        return None
+
+
+def _parsed_def(function: FunctionType) -> tuple[ast.Module, ast.FunctionDef]:
+    """``function``'s source parsed alone, and its def; raises ``NotInstrumentable`` (why not)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise NotInstrumentable(f"its source is not available ({exc})") from None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise NotInstrumentable(f"its source does not parse alone ({exc.msg})") from None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef) or node.name != function.__code__.co_name:
+        raise NotInstrumentable("its source is not a plain def (a lambda or a generated function)")
+    return tree, node
+
+
+def _digest(node: ast.AST) -> str:
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:32]
 
 
 def _enclosed(node: ast.FunctionDef, freevars: tuple[str, ...]) -> ast.stmt:
