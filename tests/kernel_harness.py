@@ -11,6 +11,26 @@ from collections.abc import Callable
 
 from jupyter_client import KernelManager
 
+_STEP_COUNTER = """
+import sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+sys._test_optimizer_steps = [0]
+def count(optimizer, args, kwargs):
+    sys._test_optimizer_steps[0] += 1
+register_optimizer_step_post_hook(count)
+"""
+
+_STEP_KILLER = """
+import os, signal, threading
+from torch.optim.optimizer import register_optimizer_step_post_hook
+steps = [0]
+def kill_after(optimizer, args, kwargs):
+    steps[0] += 1
+    if steps[0] == AFTER_STEP:
+        threading.Timer(DELAY, os.kill, (os.getpid(), signal.SIGKILL)).start()
+register_optimizer_step_post_hook(kill_after)
+"""
+
 
 class Kernel:
     """One ipykernel process running this venv's Python."""
@@ -54,6 +74,45 @@ class Kernel:
                 return "".join(text), error
             if until is not None and until("".join(text)):
                 return "".join(text), None
+
+    def count_optimizer_steps(self) -> None:
+        """From now on, count every optimizer step the kernel takes (read with ``optimizer_steps``)."""
+        self._exec_private(_STEP_COUNTER)
+
+    def optimizer_steps(self) -> int:
+        out, error = self.run("import sys; print('STEPS', sys._test_optimizer_steps[0])")
+        assert error is None, out
+        return int(out.split("STEPS")[1])
+
+    def kill_during(self, code: str, *, after_step: int, delay: float, timeout: float = 180) -> str:
+        """Execute ``code`` and SIGKILL the kernel from inside ``delay`` s after its ``after_step``-th
+        optimizer step; returns the output so far. Armed by the kernel's own progress, not by when its
+        output reaches us, so the kill lands in the cell however loaded the machine; a cell that ends
+        before it fails the test."""
+        self._exec_private(_STEP_KILLER.replace("AFTER_STEP", str(after_step)).replace("DELAY", repr(delay)))
+        msg_id = self.kc.execute(code)
+        text: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                assert self.km is not None
+                if not self.km.is_alive():
+                    return "".join(text)
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                text.append(msg["content"]["text"])
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                raise AssertionError(f"the cell ended before step {after_step}'s kill; output:\n{''.join(text)}")
+        raise TimeoutError(f"the kernel was not killed in {timeout} s; output so far:\n{''.join(text)}")
+
+    def _exec_private(self, source: str) -> None:
+        # exec in a throwaway namespace: nothing lands in the user's variables, which nbguard watches.
+        out, error = self.run(f"exec({source!r}, {{}})")
+        assert error is None, out
 
     def kill(self) -> None:
         """SIGKILL the kernel process: what a VM loss or a forced restart does."""

@@ -96,17 +96,19 @@ def test_killed_kernel_resumes_bitwise(tmp_path, form, workers):
     loop = textwrap.dedent(LOOPS[form])
     kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps")})
     try:
+        kernel.count_optimizer_steps()
         kernel.run(setup)
         kernel.run(loop)
         expected = _digest(kernel.run(DIGEST)[0])
+        steps = kernel.optimizer_steps()
 
         kernel.restart()
         kernel.run("%load_ext nbguard")
         kernel.run(setup)
+        # A random moment in the second half, when snapshots exist: mid-step, mid-save or at a boundary.
         rng = random.Random(f"{form}-{workers}")
-        kernel.run("%%checkpointed --every 0.3s\n" + loop, until=lambda out: "epoch 1" in out)
-        time.sleep(rng.uniform(0.0, 0.6))
-        kernel.kill()
+        kernel.kill_during("%%checkpointed --every 0.3s\n" + loop, after_step=rng.randint(steps * 6 // 10, steps * 85 // 100),
+                           delay=rng.uniform(0.0, 0.05))
 
         kernel.restart()
         out, error = kernel.run("%load_ext nbguard")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import textwrap
-import time
 
 import pytest
 
@@ -58,16 +57,18 @@ def test_killed_batchnorm_cnn_resumes_bitwise(tmp_path, keep_best):
     loop = LOOP.replace("KEEP_BEST", str(keep_best))
     kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps"), "OMP_NUM_THREADS": "1"})
     try:
+        kernel.count_optimizer_steps()
         kernel.run(SETUP)
         kernel.run(loop)
         expected = _digest(kernel.run(DIGEST)[0])
+        steps = kernel.optimizer_steps()
 
         kernel.restart()
         kernel.run("%load_ext nbguard")
         kernel.run(SETUP)
-        kernel.run("%%checkpointed --every 1s\n" + loop, until=lambda out: "epoch 4" in out)
-        time.sleep(random.Random(keep_best).uniform(0.1, 0.5))
-        kernel.kill()
+        rng = random.Random(keep_best)
+        kernel.kill_during("%%checkpointed --every 1s\n" + loop, after_step=rng.randint(steps // 2, steps * 8 // 10),
+                           delay=rng.uniform(0.0, 0.1))
 
         kernel.restart()
         kernel.run("%load_ext nbguard")

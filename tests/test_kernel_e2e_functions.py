@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import re
 import textwrap
-import time
 
 import pytest
 
@@ -135,18 +134,20 @@ def test_killed_mid_epoch_resumes_inside_the_functions_batch_loop(tmp_path, shap
     digest = DIGEST.replace("RESULT", result)
     kernel = Kernel(str(tmp_path), env={"NBGUARD_DIR": str(tmp_path / "snaps"), "OMP_NUM_THREADS": "1"})
     try:
+        kernel.count_optimizer_steps()
         kernel.run(DATA)
         kernel.run(defs)
         kernel.run(cell)
         expected = _digest(kernel.run(digest)[0])
+        steps = kernel.optimizer_steps()
 
         kernel.restart()
         kernel.run("%load_ext nbguard")
         kernel.run(DATA)
         kernel.run(defs)
-        kernel.run("%%checkpointed --every 1s\n" + cell, until=lambda out: "Epoch 3" in out)
-        time.sleep(random.Random(shape).uniform(0.2, 0.6))
-        kernel.kill()
+        rng = random.Random(shape)
+        kernel.kill_during("%%checkpointed --every 1s\n" + cell, after_step=rng.randint(steps // 2, steps * 8 // 10),
+                           delay=rng.uniform(0.0, 0.04))
 
         kernel.restart()
         kernel.run("%load_ext nbguard")
