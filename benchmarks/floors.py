@@ -37,7 +37,9 @@ import mmap
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -103,12 +105,29 @@ def reported_kib() -> int | None:
         return None
 
 
+@dataclass
+class Stopwatch:
+    """When a timed block started (``perf_counter``) and, once it has ended, how long it took."""
+
+    started: float
+    seconds: float = 0.0
+
+
 class ReportingLog:
     """Timed operations by label, each with whether a reporting pass ran during it (diagnostic only:
     no sample is dropped or retaken)."""
 
     def __init__(self) -> None:
         self.samples: dict[str, list[tuple[float, bool]]] = {}
+
+    @contextmanager
+    def timed(self, label: str) -> Iterator[Stopwatch]:
+        """Time the block (the counter is read outside the timing) and log it under ``label``."""
+        before = reported_kib()
+        watch = Stopwatch(time.perf_counter())
+        yield watch
+        watch.seconds = time.perf_counter() - watch.started
+        self.add(label, watch.seconds, before, reported_kib())
 
     def add(self, label: str, seconds: float, before: int | None, after: int | None) -> None:
         if before is not None and after is not None:
@@ -469,13 +488,10 @@ class PairedFloors:
             targets.append(flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
             offset += size
         settle()
-        before = reported_kib()
-        t0 = time.perf_counter()
-        for d, t in zip(targets, tensors, strict=True):
-            d.copy_(t)
-        seconds = time.perf_counter() - t0
-        REPORTING.add("copy floor", seconds, before, reported_kib())
-        return seconds
+        with REPORTING.timed("copy floor") as watch:
+            for d, t in zip(targets, tensors, strict=True):
+                d.copy_(t)
+        return watch.seconds
 
     def write_fsync(self, path: str, tensors: Sequence[torch.Tensor]) -> float:
         """Seconds to write the tensors' bytes to a new file and fsync it (as ``Floors.write_fsync``),
@@ -499,15 +515,11 @@ class PairedFloors:
         # buffer, last written minutes before, took 3.4-3.6 s against 1.4 s for the floors case's read.
         destination.fill_(1)
         view = byte_views([destination])[0]
-        before = reported_kib()
-        with IoDelta() as io:
-            t0 = time.perf_counter()
+        with IoDelta() as io, REPORTING.timed("cold read floor") as watch:
             offset = 0
             for path in paths:
                 offset += read_views(path, [view[offset:]], drop_behind=True)
-            seconds = time.perf_counter() - t0
-        REPORTING.add("cold read floor", seconds, before, reported_kib())
-        return seconds, io.read_bytes
+        return watch.seconds, io.read_bytes
 
 
 def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -113,15 +113,12 @@ def _stats(guard: Any) -> Any:
 
 def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
     """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised."""
-    before = fl.reported_kib()
-    t0 = time.perf_counter()
-    handle = guard.save(state)
-    stall = time.perf_counter() - t0
-    fl.REPORTING.add("save stall", stall, before, fl.reported_kib())
+    with fl.REPORTING.timed("save stall") as watch:
+        handle = guard.save(state)
     handle.wait()
-    durable = time.perf_counter() - t0
+    durable = time.perf_counter() - watch.started
     handle.result()
-    return stall, durable
+    return watch.seconds, durable
 
 
 def _first_and_next(guard: Any, model, opt, state: dict[str, Any]) -> tuple[float, float]:
@@ -253,12 +250,10 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
             floor, floor_read = paired.read_cold(files)
         evict_tree(folder)
         with IoDelta() as io, PeakRss() as mem:
-            before = fl.reported_kib()
-            t0 = time.perf_counter()
-            restorer.restore(state)
-            touch(model, opt)
-            restores.append(time.perf_counter() - t0)
-            fl.REPORTING.add("restore", restores[-1], before, fl.reported_kib())
+            with fl.REPORTING.timed("restore") as watch:
+                restorer.restore(state)
+                touch(model, opt)
+            restores.append(watch.seconds)
         if not floor_before:
             floor, floor_read = paired.read_cold(files)
         floors.append(floor)

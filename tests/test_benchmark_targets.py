@@ -178,3 +178,28 @@ def test_the_read_floor_drops_the_page_cache_behind_it(tmp_path):
     assert device_bytes(drop_behind=True) >= len(data)  # nothing was left in the page cache
     assert device_bytes(drop_behind=False) >= len(data)
     assert device_bytes(drop_behind=False) == 0  # a plain read keeps its pages
+
+
+def test_the_reporting_log_times_a_block_and_notes_whether_a_reporting_pass_ran_during_it(monkeypatch):
+    import benchmarks.floors as fl
+
+    counter = iter([100, 100, 100, 164])
+    monkeypatch.setattr(fl, "reported_kib", lambda: next(counter))
+    log = fl.ReportingLog()
+    with log.timed("copy") as quiet:
+        sum(range(10_000))
+    with log.timed("copy") as overlapped:
+        sum(range(10_000))
+    assert quiet.seconds > 0 and overlapped.seconds > 0
+    assert log.samples["copy"] == [(quiet.seconds, False), (overlapped.seconds, True)]
+    assert log.summary()["copy"]["overlapped"] == 1
+
+
+def test_the_reporting_log_keeps_nothing_where_the_kernel_does_not_count(monkeypatch):
+    import benchmarks.floors as fl
+
+    monkeypatch.setattr(fl, "reported_kib", lambda: None)
+    log = fl.ReportingLog()
+    with log.timed("restore") as watch:
+        pass
+    assert watch.seconds >= 0 and log.samples == {}
