@@ -850,40 +850,6 @@ _unsubscribe = _guard.catalog.subscribe(_on_saved)
 """
 
 
-def run_until_dead(kernel: Any, code: str, *, timeout: float = 120,
-                   kill_when: Callable[[str], bool] | None = None, delay: float = 0.0) -> tuple[str, bool]:
-    """Execute ``code`` in a kernel until the cell ends (False) or the kernel dies (True). With
-    ``kill_when``: SIGKILL the kernel ``delay`` s after its output first satisfies it."""
-    import queue
-
-    msg_id = kernel.kc.execute(code)
-    text: list[str] = []
-    deadline = time.monotonic() + timeout
-    kill_at: float | None = None
-    while time.monotonic() < deadline:
-        if kill_at is not None and time.monotonic() >= kill_at:
-            kernel.kill()
-            return "".join(text), True
-        try:
-            msg = kernel.kc.get_iopub_msg(timeout=0.02 if kill_at is not None else 0.2)
-        except queue.Empty:
-            if not kernel.km.is_alive():
-                return "".join(text), True
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            text.append(content["text"])
-        elif kind == "error":
-            text.append("\n".join(content["traceback"]))
-        elif kind == "status" and content["execution_state"] == "idle":
-            return "".join(text), False
-        if kill_when is not None and kill_at is None and kill_when("".join(text)):
-            kill_at = time.monotonic() + delay
-    raise TimeoutError(f"cell did not finish in {timeout} s; output so far:\n{''.join(text)}")
-
-
 def kernel_digest(kernel: Any) -> str:
     out, error = kernel.run(KERNEL_DIGEST)
     assert error is None, out
@@ -923,9 +889,9 @@ def kernel_trial(kernel: Any, workdir: Path, expected_digest: str, *, kill_at: i
     out, error = kernel.run(kernel_hook_cell(store, log, kill_at))
     assert error is None, out
     if delay is not None:
-        out, trial.killed = run_until_dead(kernel, kernel_cell(store), kill_when=lambda o: "epoch 0" in o, delay=delay)
+        out, trial.killed = kernel.run_until_dead(kernel_cell(store), kill_when=lambda o: "epoch 0" in o, delay=delay)
     else:
-        out, trial.killed = run_until_dead(kernel, kernel_cell(store))
+        out, trial.killed = kernel.run_until_dead(kernel_cell(store))
     if not trial.killed:
         kernel.kill()
     committed = Report(Path(log).read_text() if Path(log).exists() else "")

@@ -90,24 +90,41 @@ class Kernel:
         output reaches us, so the kill lands in the cell however loaded the machine; a cell that ends
         before it fails the test."""
         self._exec_private(_STEP_KILLER.replace("AFTER_STEP", str(after_step)).replace("DELAY", repr(delay)))
+        out, killed = self.run_until_dead(code, timeout=timeout)
+        assert killed, f"the cell ended before step {after_step}'s kill; output:\n{out}"
+        return out
+
+    def run_until_dead(self, code: str, *, timeout: float = 120,
+                       kill_when: Callable[[str], bool] | None = None, delay: float = 0.0) -> tuple[str, bool]:
+        """Execute ``code`` until the cell ends (False) or the kernel dies (True). With ``kill_when``:
+        SIGKILL the kernel ``delay`` s after its output first satisfies it."""
+        assert self.km is not None
         msg_id = self.kc.execute(code)
         text: list[str] = []
         deadline = time.monotonic() + timeout
+        kill_at: float | None = None
         while time.monotonic() < deadline:
+            if kill_at is not None and time.monotonic() >= kill_at:
+                self.kill()
+                return "".join(text), True
             try:
-                msg = self.kc.get_iopub_msg(timeout=0.2)
+                msg = self.kc.get_iopub_msg(timeout=0.02 if kill_at is not None else 0.2)
             except queue.Empty:
-                assert self.km is not None
                 if not self.km.is_alive():
-                    return "".join(text)
+                    return "".join(text), True
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
-            if msg["msg_type"] == "stream":
-                text.append(msg["content"]["text"])
-            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                raise AssertionError(f"the cell ended before step {after_step}'s kill; output:\n{''.join(text)}")
-        raise TimeoutError(f"the kernel was not killed in {timeout} s; output so far:\n{''.join(text)}")
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                text.append(content["text"])
+            elif kind == "error":
+                text.append("\n".join(content["traceback"]))
+            elif kind == "status" and content["execution_state"] == "idle":
+                return "".join(text), False
+            if kill_when is not None and kill_at is None and kill_when("".join(text)):
+                kill_at = time.monotonic() + delay
+        raise TimeoutError(f"cell did not finish in {timeout} s; output so far:\n{''.join(text)}")
 
     def _exec_private(self, source: str) -> None:
         # exec in a throwaway namespace: nothing lands in the user's variables, which nbguard watches.
