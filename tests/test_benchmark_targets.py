@@ -203,3 +203,16 @@ def test_the_reporting_log_keeps_nothing_where_the_kernel_does_not_count(monkeyp
     with log.timed("restore") as watch:
         pass
     assert watch.seconds >= 0 and log.samples == {}
+
+
+def test_the_first_save_against_dcp_is_the_first_save_a_run_gets_and_the_unprepared_one_is_info():
+    nbguard = _case(first_prepared_stall=[0.04] * 3, first_stall=[0.16] * 3)
+    dcp = _case(stall=[0.15] * 3)
+    floors = _case(clone=[0.14] * 3)
+    targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard,
+                                                      "peers": {"dcp_async": dcp}, "state_bytes": 1})}
+    first = targets["first-save stall < DCP async_save stall (default stager)"]
+    assert (round(first["value"], 6), first["status"]) == (round(0.04 / 0.15, 6), "PASS")
+    unprepared = targets["first save without Guard.prepare < DCP async_save stall (default stager, info)"]
+    assert (round(unprepared["value"], 6), unprepared["status"]) == (round(0.16 / 0.15, 6), "MISS")
+    assert round(targets["first save without Guard.prepare ≤ 1.3× the clone floor (info)"]["value"], 6) == round(0.16 / 0.14, 6)
