@@ -476,17 +476,23 @@ class PairedFloors:
             self.buffer = torch.ones(nbytes, dtype=torch.uint8)  # ones: every page faulted in now
         return self.buffer
 
-    def copy(self, tensors: Sequence[torch.Tensor]) -> float:
-        """Seconds to ``copy_`` every tensor into the preallocated buffer (as ``Floors.copy_prealloc``),
+    def copy(self, tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor] | None = None) -> float:
+        """Seconds to ``copy_`` every tensor into preallocated memory (as ``Floors.copy_prealloc``),
         after ``settle()`` as the save it is compared with: with ~2 GiB free, a copy right after the
-        priming write took 1.35x one without it (3 GiB, 6 rounds)."""
+        priming write took 1.35x one without it (3 GiB, 6 rounds).
+
+        The memory is this object's own buffer, or ``into``: flat uint8 buffers, one of each tensor's
+        size (a guard's staging buffers, so that the floor and the save copy into the same pages)."""
         tensors = [t for t in tensors if t.numel()]
-        sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
-        flat = self._destination(sum(sizes))
-        targets, offset = [], 0
-        for t, size in zip(tensors, sizes, strict=True):
-            targets.append(flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
-            offset += size
+        if into is not None:
+            targets = _same_size_views(tensors, into)
+        else:
+            sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+            flat = self._destination(sum(sizes))
+            targets, offset = [], 0
+            for t, size in zip(tensors, sizes, strict=True):
+                targets.append(flat[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+                offset += size
         settle()
         with REPORTING.timed("copy floor") as watch:
             for d, t in zip(targets, tensors, strict=True):
@@ -520,6 +526,20 @@ class PairedFloors:
             for path in paths:
                 offset += read_views(path, [view[offset:]], drop_behind=True)
         return watch.seconds, io.read_bytes
+
+
+def _same_size_views(tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """For each tensor, a view with its dtype and shape of a distinct buffer of exactly its byte size."""
+    free: dict[int, list[torch.Tensor]] = {}
+    for buffer in buffers:
+        free.setdefault(buffer.numel() * buffer.element_size(), []).append(buffer)
+    views = []
+    for t in tensors:
+        matching = free.get(t.numel() * t.element_size())
+        if not matching:
+            raise ValueError(f"no buffer of {t.numel() * t.element_size()} bytes left for a tensor of shape {tuple(t.shape)}")
+        views.append(matching.pop().view(torch.uint8).view(t.dtype).view(t.shape))
+    return views
 
 
 def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.floors import summary
 from benchmarks.run import build_targets, per_round
@@ -216,3 +217,16 @@ def test_the_first_save_against_dcp_is_the_first_save_a_run_gets_and_the_unprepa
     unprepared = targets["first save without Guard.prepare < DCP async_save stall (default stager, info)"]
     assert (round(unprepared["value"], 6), unprepared["status"]) == (round(0.16 / 0.15, 6), "MISS")
     assert round(targets["first save without Guard.prepare ≤ 1.3× the clone floor (info)"]["value"], 6) == round(0.16 / 0.14, 6)
+
+
+def test_the_copy_floor_can_copy_into_given_buffers_one_of_each_tensors_size():
+    from benchmarks.floors import PairedFloors
+
+    tensors = [torch.randn(3, 4), torch.arange(5, dtype=torch.int64), torch.randn(12)]  # two of 48 bytes
+    buffers = [torch.zeros(48, dtype=torch.uint8), torch.zeros(40, dtype=torch.uint8), torch.zeros(48, dtype=torch.uint8)]
+    PairedFloors().copy(tensors, into=buffers)
+    copied = sorted(bytes(b.numpy()) for b in buffers)
+    assert copied == sorted(bytes(t.contiguous().view(torch.uint8).numpy()) for t in tensors)
+
+    with pytest.raises(ValueError, match="no buffer of 40 bytes"):
+        PairedFloors().copy(tensors, into=[buffers[0], buffers[2], torch.zeros(48, dtype=torch.uint8)])
