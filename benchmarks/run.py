@@ -186,7 +186,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
     # 0.14-0.43 s from one second to the next on these VMs.
     # The copy floor goes into the guard's own staging buffers, the pages the save copies into: on these
     # VMs a fresh allocation copies at one of two speeds (22 or 36 ms for 0.75 GiB, the same bytes,
-    # each allocation keeping its speed for minutes), so a floor into other memory measured which
+    # each allocation keeping its speed through a round's saves), so a floor into other memory measured which
     # allocation won (stop 38: 1.63 = 36 ms against 22 ms, the same copy_). The floor into memory of
     # its own is kept as steady_stall_floor_own.
     floors_first = paired.next_round()
@@ -264,6 +264,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         floor_before = floors_first == (i % 2 == 0)
         if floor_before:
             floor, floor_read = paired.read_cold(files)
+        fl.wait_for_reporting_quiet()
         evict_tree(folder)
         with IoDelta() as io, PeakRss() as mem:
             with fl.REPORTING.timed("restore") as watch:

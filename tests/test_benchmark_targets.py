@@ -230,3 +230,18 @@ def test_the_copy_floor_can_copy_into_given_buffers_one_of_each_tensors_size():
 
     with pytest.raises(ValueError, match="no buffer of 40 bytes"):
         PairedFloors().copy(tensors, into=[buffers[0], buffers[2], torch.zeros(48, dtype=torch.uint8)])
+
+
+def test_restores_wait_until_no_page_reporting_pass_has_run_for_a_while(monkeypatch):
+    import benchmarks.floors as fl
+
+    monkeypatch.setattr(fl, "reported_kib", lambda: None)  # a kernel that does not count passes
+    assert fl.wait_for_reporting_quiet(quiet_s=5.0) == 0.0
+
+    counts = iter([0, 0, 2048, 4096] + [4096] * 1000)  # a pass running as the wait begins, then none
+    monkeypatch.setattr(fl, "reported_kib", lambda: next(counts))
+    waited = fl.wait_for_reporting_quiet(quiet_s=0.2, limit_s=5.0)
+    assert 0.3 <= waited < 2.0  # ~3 polls of 50 ms until the count settles, then 0.2 s of quiet
+
+    monkeypatch.setattr(fl, "reported_kib", iter(range(10**6)).__next__)  # passes never stop
+    assert 0.3 <= fl.wait_for_reporting_quiet(quiet_s=1.0, limit_s=0.3) < 1.0
