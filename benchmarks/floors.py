@@ -114,9 +114,10 @@ def wait_for_reporting_quiet(quiet_s: float = REPORTING_QUIET_S, limit_s: float 
     """Wait until no reporting pass has run for ``quiet_s`` (at most ``limit_s``); the seconds waited.
 
     For the restores and their cold-read floors: a round frees GiBs right before them (a closed
-    guard's staging, a peer's copies, evicted page cache), and the pass that follows ~2 s later took
-    a CPU from 5 of 12 3 GiB restores in stop 38 (medians 1.44 s against 0.83 s) but from none of
-    their floors, which are I/O-bound. Where the kernel does not count passes, returns at once."""
+    guard's staging, a peer's copies, evicted page cache), and the pass that follows ~2 s later met
+    5 of 12 3 GiB restores in stop 38 (medians 1.44 s against 0.83 s clean) and 4 of 12 of their floors,
+    which are I/O-bound and were not slowed. With this wait 3 of 12 restores still met one (1.08 s
+    against 0.89 s). Where the kernel does not count passes, returns at once."""
     if reported_kib() is None:
         return 0.0
     started = last_change = time.monotonic()
