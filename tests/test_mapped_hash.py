@@ -231,6 +231,40 @@ def test_read_ranges_lands_every_byte_and_hashes_what_landed(tmp_path, monkeypat
         reader.close()
 
 
+def test_the_read_ahead_thread_drops_each_piece_from_the_page_cache_right_after_reading_it(tmp_path, monkeypatch):
+    """Reads into memory (a guarded restore's staging, fresh memory) leave no page cache behind,
+    and the thread that read a piece drops it: dropping from the hashing thread while the other
+    reads the same file made a cold 3 GiB restore ~1.6x slower (``FileReader._read_dropping``)."""
+    monkeypatch.setattr(filereader, "READ_PIECE", 4 * MiB)
+    dropped: list[tuple[str, int, int, int]] = []
+    real_drop = filereader._drop_cache
+
+    def recording_drop(fd: int, offset: int, length: int) -> None:
+        dropped.append((threading.current_thread().name, os.fstat(fd).st_ino, offset, length))
+        real_drop(fd, offset, length)
+
+    monkeypatch.setattr(filereader, "_drop_cache", recording_drop)
+    readers, spans = _ranges(tmp_path)
+    file_spans = [(reader, offset, nbytes) for reader, offset, nbytes, _ in spans if isinstance(reader, FileReader)]
+    targets = [torch.zeros(nbytes, dtype=torch.uint8) for _, _, nbytes, _ in spans]
+    read_ranges([ReadRange(reader, offset, byte_view(target), xxhash.xxh3_128(), lambda: None)
+                 for (reader, offset, _, _), target in zip(spans, targets, strict=True)])
+    assert {name for name, *_ in dropped} == {"nbguard-read"}
+    covered = sorted((ino, offset, length) for _, ino, offset, length in dropped)
+    expected = sorted((reader.opened[1], offset + begin, min(4 * MiB, nbytes - begin))
+                      for reader, offset, nbytes in file_spans for begin in range(0, nbytes, 4 * MiB))
+    assert covered == expected
+
+    dropped.clear()
+    reader = readers[0]
+    into = torch.zeros(40 * MiB, dtype=torch.uint8)
+    reader.read_into(byte_view(into), 0, xxhash.xxh3_128())  # FileReader.read_into: 16 MiB pieces
+    assert [(name, offset, length) for name, _, offset, length in dropped] == [
+        ("nbguard-read", 0, 16 * MiB), ("nbguard-read", 16 * MiB, 16 * MiB), ("nbguard-read", 32 * MiB, 8 * MiB)]
+    for reader in readers:
+        reader.close()
+
+
 def test_read_ranges_stops_at_the_first_range_that_fails_its_check(tmp_path, monkeypatch):
     monkeypatch.setattr(filereader, "READ_PIECE", 4 * MiB)
     readers, spans = _ranges(tmp_path)

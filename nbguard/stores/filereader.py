@@ -87,8 +87,8 @@ class FileReader:
         fed to ``hasher`` as they arrive.
 
         A read-ahead thread reads 16 MiB pieces straight into that memory while this thread hashes
-        the piece before (the disk never waits for the hashing), and each piece's page-cache pages
-        are dropped once copied, so the next pieces reuse them. (Direct reads were measured too: 10 %
+        the piece before (the disk never waits for the hashing), and drops each piece's page-cache
+        pages as soon as it has read it (``_read_dropping``), so the next pieces reuse them. (Direct reads were measured too: 10 %
         slower here, 25 % slower into fresh memory on the GPU machine, as the kernel's read-ahead is lost.)"""
         nbytes = len(view)
         spans = [(s, min(s + PIECE, nbytes)) for s in range(0, nbytes, PIECE)]
@@ -101,12 +101,11 @@ class FileReader:
         if self._helper is None:
             self._helper = _Helper("nbguard-read")
         helper = self._helper
-        jobs = [helper.submit(functools.partial(self._exact, view[b:e], offset + b)) for b, e in spans]
+        jobs = [helper.submit(functools.partial(self._read_dropping, view[b:e], offset + b)) for b, e in spans]
         try:
             for (begin, end), job in zip(spans, jobs, strict=True):
                 job.result()
                 hasher.update(view[begin:end])
-                _drop_cache(self._file.fileno(), offset + begin, end - begin)
                 if progress:
                     progress(end - begin)
         finally:
@@ -280,6 +279,17 @@ class FileReader:
         if self._readinto(view, offset) != len(view):
             raise CorruptSnapshotError(TRUNCATED)
 
+    def _read_dropping(self, view: memoryview, offset: int) -> None:
+        """``_exact``, then drop the piece's page-cache pages: the bytes are in ``view`` now, and
+        hashing reads them there.
+
+        The thread that reads drops, right after its read: dropping from the hashing thread, while
+        the read-ahead thread reads the next piece of the same file, made a cold 3 GiB guarded restore
+        1.47 s (0.89-2.38) against 0.93 s (0.87-1.04) this way, the cold read floor 0.85 s
+        (6 rounds each, alternating, in one process, stop 39)."""
+        self._exact(view, offset)
+        _drop_cache(self._file.fileno(), offset, len(view))
+
 
 @dataclass
 class HashRange:
@@ -385,8 +395,8 @@ class ReadRange:
 def read_ranges(ranges: Sequence[ReadRange], progress: Callable[[int], None] | None = None) -> None:
     """Read ranges, in the order given (a restore sorts them as they lie on the disk), into their
     memory, each piece hashed once it landed there (what is checked is what landed): a read-ahead
-    thread reads the next 64 MiB pieces, across ranges, while this one hashes the last; each piece's
-    page-cache pages are dropped once hashed. Ranges of other readers (a blob held in memory) are
+    thread reads the next 64 MiB pieces, across ranges, while this one hashes the last, and drops
+    each piece's page-cache pages once it has read it (``FileReader._read_dropping``). Ranges of other readers (a blob held in memory) are
     read by their ``read_into`` when their turn comes.
 
     At most ``READ_AHEAD`` pieces are asked for and not yet hashed, so a range that fails its check
@@ -401,7 +411,7 @@ def read_ranges(ranges: Sequence[ReadRange], progress: Callable[[int], None] | N
         if helper is not None and len(jobs) < len(pieces):
             i, begin, end = pieces[len(jobs)]
             r = ranges[i]
-            jobs.append(helper.submit(functools.partial(r.reader._exact, r.into[begin:end], r.offset + begin)))
+            jobs.append(helper.submit(functools.partial(r.reader._read_dropping, r.into[begin:end], r.offset + begin)))
 
     k = 0
     try:
@@ -414,7 +424,6 @@ def read_ranges(ranges: Sequence[ReadRange], progress: Callable[[int], None] | N
                 _, begin, end = pieces[k]
                 jobs[k].result()
                 r.hasher.update(r.into[begin:end])
-                _drop_cache(r.reader._file.fileno(), r.offset + begin, end - begin)
                 submit_next()
                 if progress:
                     progress(end - begin)
