@@ -131,13 +131,16 @@ def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
     return watch.seconds, durable
 
 
-def _first_and_next(guard: Any, model, opt, state: dict[str, Any]) -> tuple[float, float]:
-    """The stalls of two saves by ``guard``, each after every tensor changed (a training step)."""
+def _first_and_next(guard: Any, model, opt, state: dict[str, Any], label: str) -> tuple[float, float]:
+    """The stalls of two saves by ``guard``, each after every tensor changed (a training step); each
+    logged in ``fl.REPORTING`` as "``label``: first/next save" (whether a reporting pass met it)."""
     stalls = []
-    for _ in range(2):
+    for which in ("first", "next"):
         advance(model, opt)
         fl.settle()
+        before = fl.reported_kib()
         stalls.append(_timed_save(guard, state)[0])
+        fl.REPORTING.add(f"{label}: {which} save (stall)", stalls[-1], before, fl.reported_kib())
     return stalls[0], stalls[1]
 
 
@@ -277,7 +280,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         if i == 0:
             out.update(restore_read_bytes=io.read_bytes, restore_floor_read_bytes=floor_read)
         restore_peaks.append(mem.increase)
-        pairs.append(_first_and_next(restorer, model, opt, state))
+        pairs.append(_first_and_next(restorer, model, opt, state, "after a restore"))
         restorer.close()
         del restorer
         gc.collect()
@@ -337,7 +340,7 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         resumer.prepare(state)
         resumer.restore(state)
         resumes.append(time.perf_counter() - t0)
-        pairs.append(_first_and_next(resumer, model, opt, state))
+        pairs.append(_first_and_next(resumer, model, opt, state, "after a resume"))
         resumer.close()
         del resumer
         gc.collect()
