@@ -121,9 +121,10 @@ def staging_buffers(guard: Any) -> list[torch.Tensor]:
     return list(guard._staging._buffers.values())
 
 
-def _timed_save(guard: Any, state: dict[str, Any]) -> tuple[float, float]:
-    """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised."""
-    with fl.REPORTING.timed("save stall") as watch:
+def _timed_save(guard: Any, state: dict[str, Any], label: str = "save stall") -> tuple[float, float]:
+    """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised. The stall
+    is logged in ``fl.REPORTING`` under ``label``."""
+    with fl.REPORTING.timed(label) as watch:
         handle = guard.save(state)
     handle.wait()
     durable = time.perf_counter() - watch.started
@@ -138,9 +139,7 @@ def _first_and_next(guard: Any, model, opt, state: dict[str, Any], label: str) -
     for which in ("first", "next"):
         advance(model, opt)
         fl.settle()
-        before = fl.reported_kib()
-        stalls.append(_timed_save(guard, state)[0])
-        fl.REPORTING.add(f"{label}: {which} save (stall)", stalls[-1], before, fl.reported_kib())
+        stalls.append(_timed_save(guard, state, f"{label}: {which} save (stall)")[0])
     return stalls[0], stalls[1]
 
 
@@ -415,6 +414,7 @@ def run_rounds(cases: list[tuple[str, Any]], model, opt, scratch: str, repeats: 
             shutil.rmtree(os.path.join(scratch, f"{name}-warmup"), ignore_errors=True)
     del small_model, small_opt
     gc.collect()
+    fl.REPORTING.samples.clear()  # the diagnostic is about the full-size state: not the warm-ups' samples
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
     for i in range(repeats):
         shift = i % len(cases)

@@ -245,3 +245,24 @@ def test_restores_wait_until_no_page_reporting_pass_has_run_for_a_while(monkeypa
 
     monkeypatch.setattr(fl, "reported_kib", iter(range(10**6)).__next__)  # passes never stop
     assert 0.3 <= fl.wait_for_reporting_quiet(quiet_s=1.0, limit_s=0.3) < 1.0
+
+
+def test_the_reporting_diagnostic_keeps_the_rounds_samples_not_the_warm_ups(monkeypatch, tmp_path):
+    """``run_rounds`` warms every case up on a small state first; the reporting diagnostic is about the
+    full-size state, so only the rounds' samples are kept."""
+    import benchmarks.floors as fl
+    import benchmarks.run as run
+
+    monkeypatch.setattr(fl, "reported_kib", lambda: 0)
+    monkeypatch.setattr(fl, "REPORTING", fl.ReportingLog())
+    sizes: list[int] = []
+
+    def case(model, opt, folder):
+        with fl.REPORTING.timed("restore"):
+            sizes.append(sum(p.numel() for p in model.parameters()))
+        return {"seconds": 0.0}
+
+    model, opt = run.build_state(0.02, seed=3)
+    run.run_rounds([("case", case)], model, opt, str(tmp_path), repeats=2)
+    assert len(sizes) == 3 and sizes[0] < sizes[1] == sizes[2]  # the warm-up, then two rounds
+    assert len(fl.REPORTING.samples["restore"]) == 2
