@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -266,3 +268,16 @@ def test_the_reporting_diagnostic_keeps_the_rounds_samples_not_the_warm_ups(monk
     run.run_rounds([("case", case)], model, opt, str(tmp_path), repeats=2)
     assert len(sizes) == 3 and sizes[0] < sizes[1] == sizes[2]  # the warm-up, then two rounds
     assert len(fl.REPORTING.samples["restore"]) == 2
+
+
+def test_the_durable_save_is_also_shown_against_the_faster_of_the_buffered_and_direct_write_floors():
+    # round 1: buffered writeback fast (1.0 s), O_DIRECT slow; round 2 and 3: the other way round
+    floors = _case(write_fsync=[1.0, 8.0, 7.0], write_direct=[1.5, 1.0, 1.1])
+    nbguard = _case(steady_durable=[1.4, 1.2, 1.2])
+    targets = {t["target"]: t for t in build_targets({"floors": floors, "nbguard": nbguard, "peers": {},
+                                                      "state_bytes": 1})}
+    faster = targets["until durable ≤ 1.3× the faster write floor of the floors case, buffered or O_DIRECT (info)"]
+    assert round(faster["value"], 6) == round(statistics.median([1.4 / 1.0, 1.2 / 1.0, 1.2 / 1.1]), 6)
+    assert faster["status"] == "PASS"  # 1.2 / 1.0 and 1.2 / 1.1 are within 1.3; round 1's 1.4 is not
+    no_direct = build_targets({"floors": _case(write_fsync=[1.0] * 3), "nbguard": nbguard, "peers": {}, "state_bytes": 1})
+    assert next(t for t in no_direct if t["target"] == faster["target"])["status"] == "n/a"
