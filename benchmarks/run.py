@@ -12,6 +12,7 @@ the size, e.g. ``size-0.75gib.json``). See benchmarks/README.md for what each fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -132,14 +133,83 @@ def _timed_save(guard: Any, state: dict[str, Any], label: str = "save stall") ->
     return watch.seconds, durable
 
 
-def _first_and_next(guard: Any, model, opt, state: dict[str, Any], label: str) -> tuple[float, float]:
+class SavePhases:
+    """Where a save's stall went, for the saves after a restore and after a resume (a diagnostic: in
+    stop 39 the first save after a restore took 2-3x the next one in some runs, with no page fault and
+    no reporting pass met to explain it). Per save: the wait for the previous save, the check for
+    deleted blobs, the capture, the wait for the staging prefault, the rest of staging (grouping,
+    change detection) and the copies, with how many staging buffers the copies had to allocate, and
+    the seconds since the restore returned."""
+
+    PHASES = ("flush", "drop_missing", "capture", "wait_prefault", "stage", "copy")
+
+    def __init__(self) -> None:
+        self.samples: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def timed(self, guard: Any, label: str, restored_at: float) -> Iterator[dict[str, Any]]:
+        from nbguard.engine import guard as guard_module
+
+        sample: dict[str, Any] = {"label": label, "since_restore": time.perf_counter() - restored_at,
+                                  "fresh_buffers": 0, **dict.fromkeys(self.PHASES, 0.0)}
+        staging = guard._staging
+
+        def timing(owner: Any, name: str, phase: str) -> Any:
+            original = getattr(owner, name)
+
+            def timed_call(*args: Any, **kwargs: Any) -> Any:
+                if phase == "copy" and staging._reusable(args[0]) is None:
+                    sample["fresh_buffers"] += 1
+                t0 = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    sample[phase] += time.perf_counter() - t0
+            setattr(owner, name, timed_call)
+            return original
+
+        patched = [(guard._writer, "flush", "flush"), (staging, "drop_missing", "drop_missing"),
+                   (staging, "wait_prefault", "wait_prefault"), (staging, "stage", "stage"), (staging, "_copy", "copy")]
+        for owner, name, phase in patched:
+            timing(owner, name, phase)
+        capture = timing(guard_module, "capture", "capture")
+        try:
+            yield sample
+        finally:
+            for owner, name, _ in patched:
+                delattr(owner, name)  # the instance attribute: the class's method shows again
+            guard_module.capture = capture
+            sample["stage"] -= sample["wait_prefault"] + sample["copy"]  # grouping and change detection
+            if "stall" in sample:  # set by the caller once the save returned
+                self.samples.append(sample)
+
+    def summary(self) -> dict[str, Any]:
+        """Per label: the median of each phase, and the slowest save's phases."""
+        out: dict[str, Any] = {}
+        for label in dict.fromkeys(s["label"] for s in self.samples):
+            mine = [s for s in self.samples if s["label"] == label]
+            out[label] = {"n": len(mine),
+                          "median": {k: statistics.median(s[k] for s in mine) for k in ("stall", *self.PHASES)},
+                          "slowest": max(mine, key=lambda s: s["stall"])}
+        return out
+
+
+SAVE_PHASES = SavePhases()
+
+
+def _first_and_next(guard: Any, model, opt, state: dict[str, Any], label: str,
+                    restored_at: float) -> tuple[float, float]:
     """The stalls of two saves by ``guard``, each after every tensor changed (a training step); each
-    logged in ``fl.REPORTING`` as "``label``: first/next save" (whether a reporting pass met it)."""
+    logged in ``fl.REPORTING`` as "``label``: first/next save" (whether a reporting pass met it), and
+    its phases in ``SAVE_PHASES``."""
     stalls = []
     for which in ("first", "next"):
         advance(model, opt)
         fl.settle()
-        stalls.append(_timed_save(guard, state, f"{label}: {which} save (stall)")[0])
+        name = f"{label}: {which} save"
+        with SAVE_PHASES.timed(guard, name, restored_at) as sample:
+            sample["stall"] = _timed_save(guard, state, f"{name} (stall)")[0]
+        stalls.append(sample["stall"])
     return stalls[0], stalls[1]
 
 
@@ -273,13 +343,14 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
                 restorer.restore(state)
                 touch(model, opt)
             restores.append(watch.seconds)
+            restored_at = time.perf_counter()
         if not floor_before:
             floor, floor_read = paired.read_cold(files)
         floors.append(floor)
         if i == 0:
             out.update(restore_read_bytes=io.read_bytes, restore_floor_read_bytes=floor_read)
         restore_peaks.append(mem.increase)
-        pairs.append(_first_and_next(restorer, model, opt, state, "after a restore"))
+        pairs.append(_first_and_next(restorer, model, opt, state, "after a restore", restored_at))
         restorer.close()
         del restorer
         gc.collect()
@@ -338,8 +409,9 @@ def nbguard_once(model, opt, folder: str, notes: list[str], paired: fl.PairedFlo
         t0 = time.perf_counter()
         resumer.prepare(state)
         resumer.restore(state)
-        resumes.append(time.perf_counter() - t0)
-        pairs.append(_first_and_next(resumer, model, opt, state, "after a resume"))
+        restored_at = time.perf_counter()
+        resumes.append(restored_at - t0)
+        pairs.append(_first_and_next(resumer, model, opt, state, "after a resume", restored_at))
         resumer.close()
         del resumer
         gc.collect()
@@ -414,7 +486,8 @@ def run_rounds(cases: list[tuple[str, Any]], model, opt, scratch: str, repeats: 
             shutil.rmtree(os.path.join(scratch, f"{name}-warmup"), ignore_errors=True)
     del small_model, small_opt
     gc.collect()
-    fl.REPORTING.samples.clear()  # the diagnostic is about the full-size state: not the warm-ups' samples
+    fl.REPORTING.samples.clear()  # the diagnostics are about the full-size state: not the warm-ups' samples
+    SAVE_PHASES.samples.clear()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
     for i in range(repeats):
         shift = i % len(cases)
@@ -927,6 +1000,22 @@ def reporting_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def phase_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per save label of ``SavePhases``: the medians of the phases, and the slowest save's."""
+    if not summary:
+        return []
+
+    def phases(s: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {s[k] * 1e3:.1f} ms" for k in ("stall", *SavePhases.PHASES))
+
+    lines = ["", "where the stall of a save after a restore or a resume went (diagnostic):"]
+    for label, s in summary.items():
+        slow = s["slowest"]
+        lines.append(f"- {label} ({s['n']}): median {phases(s['median'])}; slowest {phases(slow)}, "
+                     f"{slow['fresh_buffers']} fresh buffers, {slow['since_restore']:.2f} s after the restore")
+    return lines
+
+
 def render_markdown(r: dict[str, Any], rows, targets) -> str:
     m = r["machine"]
     out = [f"# nbguard benchmark — {_fmt_b(r['state_bytes'])} of state", "",
@@ -947,6 +1036,7 @@ def render_markdown(r: dict[str, Any], rows, targets) -> str:
     out += ["", "## Figures", "", "| figure | time / size | rate | note |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     out += reporting_lines(r.get("page_reporting") or {})
+    out += phase_lines(r.get("save_phases") or {})
     if r.get("errors"):
         out += ["", "## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in r["errors"].items()]
     if r.get("notes"):
@@ -1070,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     r["page_reporting"] = fl.REPORTING.summary()
+    r["save_phases"] = SAVE_PHASES.summary()
     r["elapsed_s"] = time.perf_counter() - started
     r["loadavg_end"] = os.getloadavg()
     r["cpu_s"] = sum(os.times()[:2])
@@ -1081,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_table([(t["target"], "—" if t["value"] is None else f"{t['value']:.2f}", str(t["limit"]), t["status"])
                         for t in targets], ("target", "ratio", "limit", "result")))
-    for line in reporting_lines(r.get("page_reporting") or {}):
+    for line in reporting_lines(r.get("page_reporting") or {}) + phase_lines(r.get("save_phases") or {}):
         print(line)
     md = render_markdown(r, rows, targets)
     tag = f"size-{args.size_gib:g}gib"

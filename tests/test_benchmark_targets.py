@@ -281,3 +281,35 @@ def test_the_durable_save_is_also_shown_against_the_faster_of_the_buffered_and_d
     assert faster["status"] == "PASS"  # 1.2 / 1.0 and 1.2 / 1.1 are within 1.3; round 1's 1.4 is not
     no_direct = build_targets({"floors": _case(write_fsync=[1.0] * 3), "nbguard": nbguard, "peers": {}, "state_bytes": 1})
     assert next(t for t in no_direct if t["target"] == faster["target"])["status"] == "n/a"
+
+
+def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guard_as_it_was(tmp_path):
+    import time
+
+    import nbguard
+    from benchmarks.run import SavePhases, phase_lines
+    from nbguard.engine import guard as guard_module
+
+    model = torch.nn.Linear(64, 64)
+    state = {"model": model}
+    guard = nbguard.Guard(str(tmp_path), run="bench")
+    phases = SavePhases()
+    restored_at = time.perf_counter()
+    for which in ("first", "next"):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        with phases.timed(guard, which, restored_at) as sample:
+            t0 = time.perf_counter()
+            guard.save(state).result()
+            sample["stall"] = time.perf_counter() - t0
+    guard.close()
+    first, second = phases.samples
+    assert first["fresh_buffers"] > 0 and second["fresh_buffers"] == 0  # staged once, then reused
+    for sample in phases.samples:
+        assert sample["copy"] > 0 and sample["capture"] > 0
+        assert sum(sample[k] for k in SavePhases.PHASES) <= sample["stall"]
+        assert sample["since_restore"] >= 0
+    assert not {"flush", "drop_missing", "stage", "wait_prefault", "_copy"} & (set(vars(guard._staging)) | set(vars(guard._writer)))
+    assert guard_module.capture is nbguard.engine.capture.capture
+    assert phases.summary()["first"]["slowest"] is first
+    assert "first (1): median stall" in "\n".join(phase_lines(phases.summary()))
