@@ -313,3 +313,25 @@ def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guar
     assert guard_module.capture is nbguard.engine.capture.capture
     assert phases.summary()["first"]["slowest"] is first
     assert "first (1): median stall" in "\n".join(phase_lines(phases.summary()))
+
+
+def test_runs_side_by_side_give_each_targets_median_range_and_the_runs_that_met_it(tmp_path, capsys):
+    import json
+
+    from benchmarks.across_runs import main
+
+    def run(folder: str, value: float, status: str, size: float = 0.75) -> str:
+        path = tmp_path / folder
+        path.mkdir()
+        targets = [{"target": "restore ≤ 1.3× floor", "value": value, "limit": 1.3, "status": status},
+                   {"target": "gpu (info)", "value": None, "limit": 1.0, "status": "n/a"}]
+        (path / "latest.json").write_text(json.dumps({"size_gib": size, "targets": targets}))
+        return str(path)
+
+    runs = [run("a", 1.2, "PASS"), run("b", 1.4, "MISS"), run("c", 1.0, "PASS")]
+    assert main(runs) == 0
+    table = capsys.readouterr().out
+    assert "| restore ≤ 1.3× floor | 1.20 (1.00–1.40) | 2 of 3 |" in table
+    assert "| gpu (info) | — | 0 of 0 |" in table
+    assert main([*runs, run("d", 1.0, "PASS", size=3)]) == 2
+    assert "different state sizes" in capsys.readouterr().err
