@@ -133,13 +133,44 @@ def _timed_save(guard: Any, state: dict[str, Any], label: str = "save stall") ->
     return watch.seconds, durable
 
 
+def _machine_counters() -> dict[str, float]:
+    """What else took the CPU, as counters read before and after a save: the guest's steal time (ms,
+    all CPUs, ``/proc/stat``), this process's involuntary context switches, and the CPU time of the
+    kernel's DAMON threads (``kdamond``, which runs a page-out scheme in these VMs). Missing ones read 0."""
+    ticks = 1000 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
+    out = {"steal_ms": 0.0, "involuntary_switches": 0.0, "kdamond_ms": 0.0}
+    try:
+        with open("/proc/stat") as f:
+            out["steal_ms"] = int(f.readline().split()[8]) * ticks
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import resource
+
+        out["involuntary_switches"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+    except (ImportError, OSError):
+        pass
+    try:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)
+                    if "(kdamond" in fields[0]:
+                        rest = fields[1].split()
+                        out["kdamond_ms"] += (int(rest[11]) + int(rest[12])) * ticks
+    except OSError:
+        pass
+    return out
+
+
 class SavePhases:
     """Where a save's stall went, for the saves after a restore and after a resume (a diagnostic: in
     stop 39 the first save after a restore took 2-3x the next one in some runs, with no page fault and
     no reporting pass met to explain it). Per save: the wait for the previous save, the check for
     deleted blobs, the capture, the wait for the staging prefault, the rest of staging (grouping,
     change detection) and the copies, with how many staging buffers the copies had to allocate, and
-    the seconds since the restore returned."""
+    the seconds since the restore returned; and what else took the CPU meanwhile (``_machine_counters``:
+    stop 40's slowest first saves after a restore were slow in every phase at once)."""
 
     PHASES = ("flush", "drop_missing", "capture", "wait_prefault", "stage", "copy")
 
@@ -173,9 +204,11 @@ class SavePhases:
         for owner, name, phase in patched:
             timing(owner, name, phase)
         capture = timing(guard_module, "capture", "capture")
+        before = _machine_counters()
         try:
             yield sample
         finally:
+            sample.update({k: v - before[k] for k, v in _machine_counters().items()})
             for owner, name, _ in patched:
                 delattr(owner, name)  # the instance attribute: the class's method shows again
             guard_module.capture = capture
@@ -1012,7 +1045,9 @@ def phase_lines(summary: dict[str, Any]) -> list[str]:
     for label, s in summary.items():
         slow = s["slowest"]
         lines.append(f"- {label} ({s['n']}): median {phases(s['median'])}; slowest {phases(slow)}, "
-                     f"{slow['fresh_buffers']} fresh buffers, {slow['since_restore']:.2f} s after the restore")
+                     f"{slow['fresh_buffers']} fresh buffers, {slow['since_restore']:.2f} s after the restore; meanwhile "
+                     f"steal {slow.get('steal_ms', 0):.0f} ms, {slow.get('involuntary_switches', 0):.0f} involuntary "
+                     f"switches, kdamond {slow.get('kdamond_ms', 0):.0f} ms")
     return lines
 
 
