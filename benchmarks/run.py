@@ -204,11 +204,20 @@ class SavePhases:
         for owner, name, phase in patched:
             timing(owner, name, phase)
         capture = timing(guard_module, "capture", "capture")
-        before = _machine_counters()
+        save = guard.save
+
+        def counted_save(*args: Any, **kwargs: Any) -> Any:
+            """The counters over the stall alone (save() returns before the write is durable)."""
+            before = _machine_counters()
+            try:
+                return save(*args, **kwargs)
+            finally:
+                sample.update({k: v - before[k] for k, v in _machine_counters().items()})
+        guard.save = counted_save
         try:
             yield sample
         finally:
-            sample.update({k: v - before[k] for k, v in _machine_counters().items()})
+            del guard.save
             for owner, name, _ in patched:
                 delattr(owner, name)  # the instance attribute: the class's method shows again
             guard_module.capture = capture

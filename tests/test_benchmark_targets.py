@@ -310,7 +310,7 @@ def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guar
         assert sum(sample[k] for k in SavePhases.PHASES) <= sample["stall"]
         assert sample["since_restore"] >= 0
         assert sample["steal_ms"] >= 0 and sample["involuntary_switches"] >= 0 and sample["kdamond_ms"] >= 0
-    assert not {"flush", "drop_missing", "stage", "wait_prefault", "_copy"} & (set(vars(guard._staging)) | set(vars(guard._writer)))
+    assert not {"flush", "drop_missing", "stage", "wait_prefault", "_copy", "save"} & (set(vars(guard._staging)) | set(vars(guard._writer)) | set(vars(guard)))
     assert guard_module.capture is nbguard.engine.capture.capture
     assert phases.summary()["first"]["slowest"] is first
     assert "first (1): median stall" in "\n".join(phase_lines(phases.summary()))
