@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -122,44 +123,112 @@ def staging_buffers(guard: Any) -> list[torch.Tensor]:
     return list(guard._staging._buffers.values())
 
 
-def _timed_save(guard: Any, state: dict[str, Any], label: str = "save stall") -> tuple[float, float]:
+def _timed_save(guard: Any, state: dict[str, Any], label: str = "save stall",
+                counters: dict[str, Any] | None = None) -> tuple[float, float]:
     """Save ``state`` once: (stall, until durable) in seconds; raises what the save raised. The stall
-    is logged in ``fl.REPORTING`` under ``label``."""
+    is logged in ``fl.REPORTING`` under ``label``; ``counters``, where given, gets how much each of
+    ``_machine_counters`` grew over the stall (read right outside it: a reading takes ~1 ms)."""
+    before = _machine_counters() if counters is not None else {}
     with fl.REPORTING.timed(label) as watch:
         handle = guard.save(state)
+    if counters is not None:
+        counters.update({k: v - before.get(k, 0.0) for k, v in _machine_counters().items()})
     handle.wait()
     durable = time.perf_counter() - watch.started
     handle.result()
     return watch.seconds, durable
 
 
+def _sched_ms(path: str) -> float | None:
+    """A task's CPU time in ms, with microsecond resolution (``se.sum_exec_runtime`` of its ``sched``
+    file); None where the kernel does not show it."""
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        for line in f:
+            if line.startswith("se.sum_exec_runtime"):
+                return float(line.split(":")[1])
+    return None
+
+
+def _thread_cpu_ms() -> dict[str, float]:
+    """CPU time in ms of each of this process's threads, summed by Python thread name (torch's own
+    worker threads, which Python does not know, as "native")."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            ms = _sched_ms(f"/proc/self/task/{tid}/sched")
+            if ms is not None:
+                name = names.get(int(tid), "native")
+                out[name] = out.get(name, 0.0) + ms
+    return out
+
+
+def _psi_some_ms(resource_name: str) -> float:
+    """Total time (ms) some task waited for ``resource_name`` (cpu, memory, io), from PSI; 0 without it."""
+    with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/pressure/{resource_name}") as f:
+        return int(f.readline().rsplit("total=", 1)[1]) / 1000
+    return 0.0
+
+
+class _GcTime:
+    """Time spent in Python's cyclic garbage collector, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self.collections = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._started) * 1e3
+            self.collections += 1
+
+
+_GC_TIME = _GcTime()
+gc.callbacks.append(_GC_TIME)
+
+
 def _machine_counters() -> dict[str, float]:
     """What else took the CPU, as counters read before and after a save: the guest's steal time (ms,
-    all CPUs, ``/proc/stat``), this process's involuntary context switches, and the CPU time of the
-    kernel's DAMON threads (``kdamond``, which runs a page-out scheme in these VMs). Missing ones read 0."""
+    all CPUs, ``/proc/stat``), every CPU's busy time less this process's (``others_ms``, ticks), this
+    process's involuntary context switches and minor page faults, the CPU time of the kernel's DAMON threads (``kdamond``,
+    which runs a page-out scheme in these VMs), PSI's "some" stall time for cpu and memory, the time in
+    Python's garbage collector, and each of this process's threads' CPU time (``thread_ms:<name>``).
+    Missing ones read 0."""
     ticks = 1000 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
-    out = {"steal_ms": 0.0, "involuntary_switches": 0.0, "kdamond_ms": 0.0}
+    out = {"steal_ms": 0.0, "others_ms": 0.0, "involuntary_switches": 0.0, "minor_faults": 0.0, "kdamond_ms": 0.0,
+           "psi_cpu_ms": _psi_some_ms("cpu"), "psi_memory_ms": _psi_some_ms("memory"),
+           "gc_ms": _GC_TIME.ms, "gc_collections": float(_GC_TIME.collections)}
     try:
         with open("/proc/stat") as f:
-            out["steal_ms"] = int(f.readline().split()[8]) * ticks
+            fields = [int(v) for v in f.readline().split()[1:]]
+        out["steal_ms"] = fields[7] * ticks
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        out["others_ms"] = (busy - fields[7] - int(own[11]) - int(own[12])) * ticks
     except (OSError, IndexError, ValueError):
         pass
     try:
         import resource
 
-        out["involuntary_switches"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["involuntary_switches"], out["minor_faults"] = float(usage.ru_nivcsw), float(usage.ru_minflt)
     except (ImportError, OSError):
         pass
     try:
         for pid in os.listdir("/proc"):
             if pid.isdigit():
                 with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)
-                    if "(kdamond" in fields[0]:
-                        rest = fields[1].split()
+                    fields_ = f.read().rsplit(")", 1)
+                    if "(kdamond" in fields_[0]:
+                        rest = fields_[1].split()
                         out["kdamond_ms"] += (int(rest[11]) + int(rest[12])) * ticks
     except OSError:
         pass
+    out.update({f"thread_ms:{name}": ms for name, ms in _thread_cpu_ms().items()})
     return out
 
 
@@ -204,20 +273,9 @@ class SavePhases:
         for owner, name, phase in patched:
             timing(owner, name, phase)
         capture = timing(guard_module, "capture", "capture")
-        save = guard.save
-
-        def counted_save(*args: Any, **kwargs: Any) -> Any:
-            """The counters over the stall alone (save() returns before the write is durable)."""
-            before = _machine_counters()
-            try:
-                return save(*args, **kwargs)
-            finally:
-                sample.update({k: v - before[k] for k, v in _machine_counters().items()})
-        guard.save = counted_save
         try:
             yield sample
         finally:
-            del guard.save
             for owner, name, _ in patched:
                 delattr(owner, name)  # the instance attribute: the class's method shows again
             guard_module.capture = capture
@@ -226,13 +284,15 @@ class SavePhases:
                 self.samples.append(sample)
 
     def summary(self) -> dict[str, Any]:
-        """Per label: the median of each phase, and the slowest save's phases."""
+        """Per label: the median of each phase, the slowest and the fastest save's phases and
+        counters, and every sample."""
         out: dict[str, Any] = {}
         for label in dict.fromkeys(s["label"] for s in self.samples):
             mine = [s for s in self.samples if s["label"] == label]
             out[label] = {"n": len(mine),
                           "median": {k: statistics.median(s[k] for s in mine) for k in ("stall", *self.PHASES)},
-                          "slowest": max(mine, key=lambda s: s["stall"])}
+                          "slowest": max(mine, key=lambda s: s["stall"]),
+                          "fastest": min(mine, key=lambda s: s["stall"]), "samples": mine}
         return out
 
 
@@ -250,7 +310,7 @@ def _first_and_next(guard: Any, model, opt, state: dict[str, Any], label: str,
         fl.settle()
         name = f"{label}: {which} save"
         with SAVE_PHASES.timed(guard, name, restored_at) as sample:
-            sample["stall"] = _timed_save(guard, state, f"{name} (stall)")[0]
+            sample["stall"] = _timed_save(guard, state, f"{name} (stall)", counters=sample)[0]
         stalls.append(sample["stall"])
     return stalls[0], stalls[1]
 
@@ -1050,13 +1110,20 @@ def phase_lines(summary: dict[str, Any]) -> list[str]:
     def phases(s: dict[str, Any]) -> str:
         return ", ".join(f"{k} {s[k] * 1e3:.1f} ms" for k in ("stall", *SavePhases.PHASES))
 
+    def meanwhile(s: dict[str, Any]) -> str:
+        threads = ", ".join(f"{k.split(':', 1)[1]} {v:.1f}" for k, v in sorted(s.items())
+                            if k.startswith("thread_ms:") and v >= 0.5)
+        return (f"steal {s.get('steal_ms', 0):.0f} ms, others {s.get('others_ms', 0):.0f} ms, "
+                f"{s.get('involuntary_switches', 0):.0f} involuntary switches, {s.get('minor_faults', 0):.0f} minor faults, kdamond {s.get('kdamond_ms', 0):.0f} ms, "
+                f"PSI cpu {s.get('psi_cpu_ms', 0):.1f} / memory {s.get('psi_memory_ms', 0):.1f} ms, "
+                f"gc {s.get('gc_ms', 0):.1f} ms ({s.get('gc_collections', 0):.0f}), threads' CPU ms: {threads or '—'}")
+
     lines = ["", "where the stall of a save after a restore or a resume went (diagnostic):"]
     for label, s in summary.items():
-        slow = s["slowest"]
+        slow, fast = s["slowest"], s.get("fastest") or s["slowest"]
         lines.append(f"- {label} ({s['n']}): median {phases(s['median'])}; slowest {phases(slow)}, "
-                     f"{slow['fresh_buffers']} fresh buffers, {slow['since_restore']:.2f} s after the restore; meanwhile "
-                     f"steal {slow.get('steal_ms', 0):.0f} ms, {slow.get('involuntary_switches', 0):.0f} involuntary "
-                     f"switches, kdamond {slow.get('kdamond_ms', 0):.0f} ms")
+                     f"{slow['fresh_buffers']} fresh buffers, {slow['since_restore']:.2f} s after the restore; "
+                     f"meanwhile {meanwhile(slow)}; the fastest ({fast['stall'] * 1e3:.1f} ms) meanwhile {meanwhile(fast)}")
     return lines
 
 

@@ -287,7 +287,7 @@ def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guar
     import time
 
     import nbguard
-    from benchmarks.run import SavePhases, phase_lines
+    from benchmarks.run import SavePhases, _timed_save, phase_lines
     from nbguard.engine import guard as guard_module
 
     model = torch.nn.Linear(64, 64)
@@ -299,9 +299,7 @@ def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guar
         with torch.no_grad():
             model.weight.add_(1.0)
         with phases.timed(guard, which, restored_at) as sample:
-            t0 = time.perf_counter()
-            guard.save(state).result()
-            sample["stall"] = time.perf_counter() - t0
+            sample["stall"] = _timed_save(guard, state, which, counters=sample)[0]
     guard.close()
     first, second = phases.samples
     assert first["fresh_buffers"] > 0 and second["fresh_buffers"] == 0  # staged once, then reused
@@ -310,9 +308,12 @@ def test_the_save_phase_diagnostic_splits_a_real_saves_stall_and_leaves_the_guar
         assert sum(sample[k] for k in SavePhases.PHASES) <= sample["stall"]
         assert sample["since_restore"] >= 0
         assert sample["steal_ms"] >= 0 and sample["involuntary_switches"] >= 0 and sample["kdamond_ms"] >= 0
+        assert sample["minor_faults"] >= 0 and sample["thread_ms:MainThread"] > 0  # the save's own thread used the CPU (Linux shows it)
+        assert sample["gc_ms"] >= 0 and sample["psi_cpu_ms"] >= 0
     assert not {"flush", "drop_missing", "stage", "wait_prefault", "_copy", "save"} & (set(vars(guard._staging)) | set(vars(guard._writer)) | set(vars(guard)))
     assert guard_module.capture is nbguard.engine.capture.capture
-    assert phases.summary()["first"]["slowest"] is first
+    assert phases.summary()["first"]["slowest"] is first and phases.summary()["first"]["fastest"] is first
+    assert phases.summary()["next"]["samples"] == [second]
     assert "first (1): median stall" in "\n".join(phase_lines(phases.summary()))
 
 
