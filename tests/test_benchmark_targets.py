@@ -92,6 +92,25 @@ def test_a_guarded_runs_first_save_is_compared_with_that_same_runs_next_save():
     assert (round(other_guard["value"], 6), other_guard["status"]) == (1.5, "MISS")
 
 
+def test_a_first_save_is_judged_by_every_pairs_own_ratio_pooled_over_the_rounds():
+    from benchmarks.run import _medians_of
+
+    # round 2's medians (0.24 / 0.16 = 1.5) pair a first save with another run's next save; every pair's
+    # own ratio is at most 1.25 but one
+    rounds = [[(0.23, 0.24), (0.24, 0.23), (0.22, 0.22)],
+              [(0.24, 0.24), (0.25, 0.152), (0.20, 0.16)],
+              [(0.23, 0.23), (0.24, 0.20), (0.16, 0.16)]]
+    per_round = [_medians_of(pairs, "first_prepared_stall", "prepared_steady_stall") for pairs in rounds]
+    nbguard: dict = _case(steady_stall=[0.2] * 3, **{k: [r[k] for r in per_round]
+                                                      for k in ("first_prepared_stall", "prepared_steady_stall")})
+    nbguard["first_prepared_stall_ratios"] = [r["first_prepared_stall_ratios"] for r in per_round]
+    name = "first save of a guarded run ≤ 1.3× the same run's steady save stall"
+    target = next(t for t in build_targets({"nbguard": nbguard, "peers": {}, "state_bytes": 1}) if t["target"] == name)
+    pooled = sorted(f / n for pairs in rounds for f, n in pairs)
+    assert (round(target["value"], 6), target["status"]) == (round(pooled[4], 6), "PASS")
+    assert round(nbguard["first_prepared_stall"]["values"][1] / nbguard["prepared_steady_stall"]["values"][1], 2) == 1.5
+
+
 def test_the_paired_copy_floor_is_timed_after_settling_as_the_save_it_is_compared_with(monkeypatch):
     import torch
 
