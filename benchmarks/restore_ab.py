@@ -89,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--how", choices=("load", "resume"), default="load",
                         help="load: nbguard.load(...).restore (a script); resume: a Guard's prepare started, "
                              "then its restore (%%%%checkpointed after a restart)")
-    parser.add_argument("--folder", default=None, help="where the snapshot and the torch file go (default: a temp folder)")
+    parser.add_argument("--folder", default=None,
+                        help="a new or empty folder for the snapshot and the torch file, emptied at the end "
+                             "(default: a temp folder)")
     args = parser.parse_args(argv)
     trees = {"this": HERE} | dict(t.split("=", 1) for t in args.tree)
+    if args.folder and os.path.isdir(args.folder) and os.listdir(args.folder):
+        parser.error(f"--folder {args.folder} is not empty: name a new or empty folder (its contents are removed at the end)")
     folder = args.folder or tempfile.mkdtemp(prefix="nbguard-restore-ab-")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
+    os.makedirs(folder, exist_ok=True)
     try:
         _run(["setup", folder, str(args.size_gib)], HERE)
         cases = [("floor", "floor", HERE)] + [(name, "nbguard" if args.how == "load" else "resume", path)
@@ -107,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(_run([mode, folder, str(args.size_gib)], path))
             loads.append(os.getloadavg()[0])
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if args.folder:  # the folder named stays, empty, as it was given
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     floors = [r[0] for r in results["floor"]]
     print(f"{args.size_gib} GiB state, {args.repeats} rounds; load average per round: {[round(x, 1) for x in loads]}")
     print("median (min-max) of each round; x floor: the ratio to the same round's floor (paired)")
